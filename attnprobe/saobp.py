@@ -1,0 +1,177 @@
+"""SAOBP (Self-Attention One-step Belief Propagation) refinement and the attention function using it.
+
+The refinement is this project's reconstruction from the published description of Lee et al. (2025),
+"Mitigating Attention Localization in Small Scale: Self-Attention Refinement via One-step Belief
+Propagation": attention read as a factor graph over tokens with a repulsive Potts pairwise prior and
+one message-passing step. See docs/method.md; the paper's own formulas were not available to us.
+
+    Â = softmax(S + strength * (W @ log1p(-gamma * A))),  A = softmax(S),  gamma = 1 - exp(J)
+
+with ``W`` = ``A`` without its diagonal, rows renormalized. This module is pure torch: it does not
+import transformers (models.py registers ``attention_forward`` with transformers' AttentionInterface).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from attnprobe import probe as _probe
+
+GAMMAS = {"baseline": 0.0, "bp-low": 0.5, "bp-high": 0.9}
+
+
+@dataclass(frozen=True)
+class SaobpSettings:
+    """SAOBP settings of one model, stored in its config.json under ``"saobp"``.
+
+    Attributes:
+        gamma: ``1 - exp(J)`` in [0, 1); 0 is plain attention.
+        strength: weight of the message term.
+        layers: ``None`` for every layer, else the 0-based layers that are refined.
+        variant: the name it came from (``baseline``, ``bp-low``, ``bp-high`` or ``custom``).
+    """
+
+    gamma: float = 0.9
+    strength: float = 1.0
+    layers: tuple[int, ...] | None = None
+    variant: str = "bp-high"
+
+    def applies_to(self, layer: int | None) -> bool:
+        if self.gamma == 0.0 or self.strength == 0.0:
+            return False
+        if self.layers is None:
+            return True
+        if layer is None:
+            raise RuntimeError(
+                "SAOBP is restricted to some layers but this attention module has no layer index; "
+                "use bp_layers='all' for this architecture"
+            )
+        return layer in self.layers
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else "all"
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> SaobpSettings | None:
+        if not d:
+            return None
+        layers = d.get("layers", "all")
+        return cls(
+            gamma=float(d.get("gamma", 0.9)),
+            strength=float(d.get("strength", 1.0)),
+            layers=None if layers in ("all", None) else tuple(int(x) for x in layers),
+            variant=str(d.get("variant", "custom")),
+        )
+
+
+def parse_bp_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
+    """``all`` -> None; ``lower``/``upper`` -> first/second half; ``0,2,3`` -> those layers.
+
+    >>> parse_bp_layers("upper", 6)
+    (3, 4, 5)
+    >>> parse_bp_layers("all", 6) is None
+    True
+    """
+    spec = spec.strip().lower()
+    if spec == "all":
+        return None
+    half = num_layers // 2
+    if spec == "lower":
+        return tuple(range(max(half, 1)))
+    if spec == "upper":
+        return tuple(range(half, num_layers))
+    try:
+        layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
+    except ValueError:
+        raise ValueError(f"--bp-layers {spec!r}: expected all, lower, upper or a list like 0,1,3") from None
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad or not layers:
+        raise ValueError(f"--bp-layers {spec!r}: layers must be in 0..{num_layers - 1}")
+    return layers
+
+
+def message_weights(probs: torch.Tensor) -> torch.Tensor:
+    """``W``: ``probs`` with the diagonal zeroed and rows renormalized; all-zero rows stay 0. (..., Q, K)."""
+    eye = torch.eye(probs.shape[-1], dtype=torch.bool, device=probs.device)
+    w = probs.masked_fill(eye, 0.0)
+    total = w.sum(-1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), 0.0)
+
+
+def saobp_probs(scores: torch.Tensor, gamma: float, strength: float = 1.0,
+                probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Refined attention ``Â = softmax(S + strength * (W @ log1p(-gamma * A)))``.
+
+    Args:
+        scores: ``(B, H, Q, K)`` attention logits including the additive padding bias.
+        gamma: ``1 - exp(J)`` in [0, 1).
+        strength: weight of the message term.
+        probs: ``softmax(scores)`` if already computed.
+
+    Returns:
+        ``(B, H, Q, K)`` refined probabilities; padded keys stay exactly 0.
+
+    >>> S = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]], dtype=torch.float64))
+    >>> [round(x, 6) for x in saobp_probs(S, 0.9)[0].tolist()]
+    [0.789299, 0.102782, 0.107919]
+    """
+    if probs is None:
+        probs = torch.softmax(scores, dim=-1)
+    if gamma == 0.0 or strength == 0.0:
+        return probs
+    messages = message_weights(probs) @ torch.log1p(-gamma * probs)  # (B, H, Q, K)
+    return torch.softmax(scores + strength * messages, dim=-1)
+
+
+def _layer_of(module: nn.Module) -> int | None:
+    idx = getattr(module, "layer_idx", None)
+    if idx is None:
+        idx = getattr(module, "_attnprobe_layer", None)
+    return idx
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with optional SAOBP refinement, handing its probabilities to the active probe.
+
+    Same contract as transformers' ``eager_attention_forward``: ``query`` ``(B, H, Q, D)``, ``key`` and
+    ``value`` ``(B, H, K, D)``, ``attention_mask`` an additive bias ``(B, 1, Q, K)`` or None. Returns
+    ``(attn_output (B, Q, H, D), probs (B, H, Q, K))``. SAOBP applies when the module's config carries
+    ``saobp`` settings for this layer.
+    """
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Q, K)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(
+                ~attention_mask, torch.finfo(scores.dtype).min
+            )
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    settings = getattr(getattr(module, "config", None), "saobp", None)
+    plain = None
+    if settings:
+        if isinstance(settings, dict):
+            settings = SaobpSettings.from_json(settings)
+        if settings.applies_to(_layer_of(module)):
+            plain = probs
+            probs = saobp_probs(scores, settings.gamma, settings.strength, probs=plain)
+    active = _probe.active_probe()
+    if active is not None:
+        active.observe(module, probs.detach(), None if plain is None else plain.detach())
+    attn_output = torch.matmul(nn.functional.dropout(probs, p=dropout, training=module.training), value)
+    return attn_output.transpose(1, 2).contiguous(), probs

@@ -1,0 +1,387 @@
+"""scan(config) -> ScanResult: read a corpus, stream it through the model, reduce attention per head.
+
+The work is split so refine can reuse it: ``encode_chunk`` tokenizes and sorts by length,
+``run_batches`` feeds batches through the model under a probe, ``head_frame``/``layer_frame`` turn
+the probe's sums into the Parquet tables. Writing files is ``write_scan`` (through outputs.py); this
+module prints nothing (cli.py does).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import attnprobe
+from attnprobe import AttnprobeError, metrics, outputs
+from attnprobe.config import ScanConfig, Thresholds, to_dict
+from attnprobe.probe import Probe, capturing, means
+
+CHUNK_ROWS = 2048
+
+
+class Interrupted(AttnprobeError):
+    """The run was stopped by a signal between two batches; nothing was written as complete."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}; no complete output was written")
+        self.signum = signum
+
+
+@dataclass
+class Encoded:
+    """One tokenized chunk, sorted by length: ids per row, original positions, special-token masks."""
+
+    ids: list[list[int]]
+    token_types: list[list[int]] | None
+    rows: list[int]  # source row index of each sequence
+    truncated: int = 0
+    short: int = 0
+
+
+@dataclass
+class ScanResult:
+    """What a scan produced: per-head and per-layer tables, optional per-example table, run metadata."""
+
+    heads: Any  # pandas.DataFrame
+    layers: Any  # pandas.DataFrame
+    meta: dict[str, Any]
+    examples: Any = None  # pandas.DataFrame when kept in memory
+    out_dir: Path | None = None
+
+
+def effective_max_length(loaded, requested: int | None) -> int:
+    """``--max-length`` capped at what the model's position embeddings allow."""
+    tok_max = getattr(loaded.tokenizer, "model_max_length", None) or 10**9
+    pos = getattr(loaded.model.config, "max_position_embeddings", None) or 10**9
+    if loaded.model.config.model_type in ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "data2vec-text"):
+        pos -= 2  # positions start after padding_idx
+    limit = min(tok_max, pos, 10**6)
+    if limit >= 10**6:
+        limit = 512
+    return limit if requested is None else min(requested, limit)
+
+
+def encode_chunk(tokenizer, texts: list[str], pairs: list[str | None] | None, rows: list[int],
+                 max_length: int) -> Encoded:
+    """Tokenize one chunk with truncation, count truncated and too-short rows, sort by length."""
+    ids: list[list[int] | None] = [None] * len(texts)
+    types: list[list[int] | None] = [None] * len(texts)
+    has_pair = [i for i, p in enumerate(pairs or []) if p]
+    single = [i for i in range(len(texts)) if not (pairs and pairs[i])]
+    truncated = 0
+    for group, with_pair in ((single, False), (has_pair, True)):
+        if not group:
+            continue
+        a = [texts[i] for i in group]
+        b = [pairs[i] for i in group] if with_pair else None
+        enc = tokenizer(a, b, truncation=True, max_length=max_length)
+        full = None
+        long_rows = [k for k, x in enumerate(enc["input_ids"]) if len(x) >= max_length]
+        if long_rows:
+            full = tokenizer([a[k] for k in long_rows], [b[k] for k in long_rows] if b else None,
+                             truncation=False, verbose=False)
+            truncated += sum(len(x) > max_length for x in full["input_ids"])
+        for k, i in enumerate(group):
+            ids[i] = enc["input_ids"][k]
+            if "token_type_ids" in enc:
+                types[i] = enc["token_type_ids"][k]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    kept = [i for i in order if len(ids[i]) >= 2]
+    return Encoded(
+        ids=[ids[i] for i in kept],
+        token_types=[types[i] for i in kept] if types and types[0] is not None else None,
+        rows=[rows[i] for i in kept],
+        truncated=truncated,
+        short=len(order) - len(kept),
+    )
+
+
+def make_batches(enc: Encoded, batch_size: int, pad_id: int, special_ids: list[int],
+                 device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]]:
+    """Dynamic padding: yield ``(model inputs, special (B, Q) bool, source rows)`` per batch."""
+    special = torch.tensor(special_ids, dtype=torch.long)
+    for start in range(0, len(enc.ids), batch_size):
+        chunk = enc.ids[start:start + batch_size]
+        n = max(len(x) for x in chunk)
+        input_ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        keep = torch.zeros((len(chunk), n), dtype=torch.long)
+        for b, x in enumerate(chunk):
+            input_ids[b, : len(x)] = torch.tensor(x)
+            keep[b, : len(x)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": keep}
+        if enc.token_types is not None:
+            tt = torch.zeros((len(chunk), n), dtype=torch.long)
+            for b, x in enumerate(enc.token_types[start:start + batch_size]):
+                tt[b, : len(x)] = torch.tensor(x)
+            batch["token_type_ids"] = tt
+        is_special = torch.isin(input_ids, special) & keep.bool()
+        yield ({k: v.to(device) for k, v in batch.items()}, is_special, enc.rows[start:start + batch_size])
+
+
+def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special: torch.Tensor,
+                  model=None) -> dict[str, torch.Tensor] | None:
+    """One forward pass under the probe; returns per-example sums ``(B, L, H)`` if the probe keeps them."""
+    model = model if model is not None else loaded.model
+    keep = batch["attention_mask"].bool()
+    probe.begin(keep, special)
+    with torch.no_grad(), capturing(probe):
+        if loaded.backend == "eager-outputs":
+            out = model(**batch, output_attentions=True)
+            for layer_probs in out.attentions:  # (B, H, Q, K) each, reduced one by one
+                probe.observe(None, layer_probs)
+            del out
+        else:
+            model(**batch)
+    return probe.end()
+
+
+def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, hops: int,
+                per_example: bool = False, on_examples: Callable | None = None,
+                on_progress: Callable[[int], None] | None = None,
+                should_stop: Callable[[], int | None] | None = None,
+                model=None, metric_dtype: torch.dtype | None = None) -> tuple[Probe, dict[str, int]]:
+    """Stream chunks (objects with texts/pairs/rows) through the model; return the probe and counters."""
+    tokenizer = loaded.tokenizer
+    if metric_dtype is None:
+        metric_dtype = torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
+    probe = Probe(loaded.num_layers, hops=hops, per_example=per_example, metric_dtype=metric_dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
+    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0}
+    for chunk in chunks:
+        enc = encode_chunk(tokenizer, chunk.texts, chunk.pairs, chunk.rows, max_length)
+        counts["truncated"] += enc.truncated
+        counts["too_short"] += enc.short
+        for batch, special, rows in make_batches(enc, batch_size, pad_id, special_ids, loaded.device):
+            if should_stop is not None and (signum := should_stop()):
+                raise Interrupted(signum)
+            per = forward_batch(loaded, probe, batch, special, model=model)
+            counts["sequences"] += len(rows)
+            counts["tokens"] += int(batch["attention_mask"].sum())
+            if per is not None and on_examples is not None:
+                on_examples(rows, batch["attention_mask"].sum(-1).tolist(), per)
+            if on_progress is not None:
+                on_progress(len(rows))
+        if on_progress is not None and enc.short:
+            on_progress(enc.short)
+    if probe._totals is None:
+        raise AttnprobeError("no sequence with at least 2 tokens to scan; check the input texts")
+    return probe, counts
+
+
+FLAG_COLUMNS = (*metrics.FLAGS, "nonfinite_flag")
+METRIC_COLUMNS = (
+    "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
+    "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift",
+)
+
+
+def head_frame(sums: dict[str, torch.Tensor], thresholds: Thresholds):
+    """The heads.parquet table from ``(L, H)`` sums: token-weighted means plus flags."""
+    import pandas as pd
+
+    m = means(sums)
+    L, H = m["queries"].shape
+    records = []
+    for layer in range(L):
+        for head in range(H):
+            row: dict[str, Any] = {"layer": layer, "head": head, "queries": int(m["queries"][layer, head])}
+            for name in METRIC_COLUMNS:
+                value = float(m[name][layer, head]) if name in m else float("nan")
+                row[name] = None if math.isnan(value) else value
+            row["nonfinite"] = int(m["nonfinite"][layer, head])
+            nan = float("nan")
+            f = metrics.flags(
+                row["direct_entropy_norm"] if row["direct_entropy_norm"] is not None else nan,
+                row["gtd"] if row["gtd"] is not None else nan,
+                row["sink_mass"] if row["sink_mass"] is not None else nan,
+                thresholds,
+            )
+            row.update(f)
+            row["nonfinite_flag"] = row["nonfinite"] > 0
+            records.append(row)
+    df = pd.DataFrame.from_records(records)
+    for name in METRIC_COLUMNS:
+        df[name] = df[name].astype("float64")
+    return df
+
+
+def layer_frame(heads):
+    """The layers.parquet table: metric means over heads, number of heads and of flagged heads."""
+    cols = list(METRIC_COLUMNS)
+    grouped = heads.groupby("layer", sort=True)
+    df = grouped[cols].mean()
+    df["queries"] = grouped["queries"].max()
+    df["nonfinite"] = grouped["nonfinite"].sum()
+    df["heads"] = grouped["head"].count()
+    flagged = heads["collapsed"] | heads["high_gtd"] | heads["sink"] | heads["diffuse"] | heads["nonfinite_flag"]
+    df["flagged_heads"] = flagged.groupby(heads["layer"]).sum().astype("int64")
+    for flag in FLAG_COLUMNS:
+        df[f"{flag}_heads"] = heads.groupby("layer")[flag].sum().astype("int64")
+    return df.reset_index()
+
+
+def example_frame(rows: list[int], tokens: list[int], per: dict[str, torch.Tensor]):
+    """Per-(example, layer, head) rows from one batch's ``(B, L, H)`` sums."""
+    import pandas as pd
+
+    m = means(per)
+    B, L, H = m["queries"].shape
+    data = {
+        "example": torch.tensor(rows).repeat_interleave(L * H).numpy(),
+        "tokens": torch.tensor(tokens).repeat_interleave(L * H).numpy(),
+        "layer": torch.arange(L).repeat_interleave(H).repeat(B).numpy(),
+        "head": torch.arange(H).repeat(B * L).numpy(),
+    }
+    for name in METRIC_COLUMNS:
+        data[name] = m[name].reshape(-1).numpy() if name in m else float("nan")
+    data["nonfinite"] = m["nonfinite"].reshape(-1).to(torch.int64).numpy()
+    return pd.DataFrame(data)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"attnprobe": attnprobe.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class _ExampleSink:
+    """Collects per-example rows of a chunk, restores input order, writes them as row groups."""
+
+    writer: Any = None  # outputs.ParquetRowWriter, or None to keep in memory
+    frames: list = field(default_factory=list)
+    pending: list = field(default_factory=list)
+
+    def add(self, rows, tokens, per):
+        self.pending.append(example_frame(rows, tokens, per))
+
+    def flush(self):
+        import pandas as pd
+
+        if not self.pending:
+            return
+        df = pd.concat(self.pending).sort_values(["example", "layer", "head"], kind="stable")
+        self.pending = []
+        if self.writer is not None:
+            self.writer.write(df)
+        else:
+            self.frames.append(df)
+
+
+class _Chunks:
+    """Iterate a source's chunks, flushing per-example rows after each (input order per chunk)."""
+
+    def __init__(self, source, limit, sink):
+        self.source, self.limit, self.sink = source, limit, sink
+
+    def __iter__(self):
+        for chunk in self.source.chunks(CHUNK_ROWS, limit=self.limit):
+            yield chunk
+            if self.sink is not None:
+                self.sink.flush()
+
+
+def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path | None = None,
+         on_progress: Callable[[int], None] | None = None,
+         should_stop: Callable[[], int | None] | None = None, source=None) -> ScanResult:
+    """Scan a corpus and return per-head and per-layer diagnostics (and write them if ``out_dir``).
+
+    Args:
+        config: options (``ScanConfig()`` scans the bundled model on the sample corpus).
+        loaded: an already loaded model (``models.load_model``), else ``config.model`` is loaded.
+        out_dir: folder to write heads/layers/examples Parquet and run.json into (prepared by the caller
+            with outputs.prepare_out_dir); None keeps everything in memory.
+        on_progress: called with the number of rows done after each batch.
+        should_stop: returns a signal number to stop at the next batch, or None.
+        source: a data.TextSource, else one is opened from ``config``.
+    """
+    from attnprobe import data, models
+
+    config = (config or ScanConfig()).validate()
+    torch.manual_seed(config.seed)
+    started = time.time()
+    if source is None:
+        source = data.open_source(config.data, config.text, text_column=config.text_column,
+                                  text_pair_column=config.text_pair_column, encoding=config.encoding)
+    if loaded is None:
+        loaded = models.load_model(config.model, num_layers=config.num_layers, device=config.device,
+                                   dtype=config.dtype, allow_pickle=config.allow_pickle,
+                                   trust_remote_code=config.trust_remote_code)
+    max_length = effective_max_length(loaded, config.max_length)
+    writer = None
+    if config.per_example and out_dir is not None:
+        writer = outputs.ParquetRowWriter(Path(out_dir) / outputs.EXAMPLES)
+    sink = _ExampleSink(writer) if config.per_example else None
+    try:
+        probe, counts = run_batches(
+            loaded, _Chunks(source, config.limit, sink), batch_size=config.batch_size,
+            max_length=max_length, hops=config.hops, per_example=config.per_example,
+            on_examples=sink.add if sink else None, on_progress=on_progress, should_stop=should_stop)
+        if sink is not None:
+            sink.flush()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    heads = head_frame(probe.totals(), config.thresholds)
+    layers = layer_frame(heads)
+    examples = None
+    if sink is not None and writer is None:
+        import pandas as pd
+
+        examples = pd.concat(sink.frames, ignore_index=True) if sink.frames else None
+    stats = source.stats()
+    stats.update({"sequences_scanned": counts["sequences"], "tokens": counts["tokens"],
+                  "truncated": counts["truncated"], "skipped_too_short": counts["too_short"],
+                  "max_length": max_length})
+    bad = heads[heads["nonfinite"] > 0]
+    meta = {
+        "kind": "scan",
+        "complete": False,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": loaded.info,
+        "data": stats,
+        "options": to_dict(config),
+        "thresholds": to_dict(config.thresholds),
+        "backend": loaded.backend,
+        "device": str(loaded.device),
+        "dtype": config.dtype,
+        "metric_dtype": str(probe.metric_dtype).replace("torch.", ""),
+        "versions": versions(),
+        "seed": config.seed,
+        "nonfinite": {"rows": int(heads["nonfinite"].sum()),
+                      "heads": [[int(r.layer), int(r.head)] for r in bad.itertuples()]},
+        "refined_layers": sorted(probe.refined_layers),
+    }
+    result = ScanResult(heads=heads, layers=layers, meta=meta, examples=examples)
+    if out_dir is not None:
+        if writer is not None:
+            writer.close()
+        meta["wall_time_s"] = round(time.time() - started, 3)
+        write_scan(result, out_dir)
+    else:
+        meta["wall_time_s"] = round(time.time() - started, 3)
+        meta["complete"] = True
+    return result
+
+
+def write_scan(result: ScanResult, out_dir: str | Path) -> Path:
+    """Write heads/layers Parquet, then run.json (complete) last."""
+    out_dir = Path(out_dir)
+    outputs.atomic_write_parquet(result.heads, out_dir / outputs.HEADS)
+    outputs.atomic_write_parquet(result.layers, out_dir / outputs.LAYERS)
+    if result.examples is not None:
+        outputs.atomic_write_parquet(result.examples, out_dir / outputs.EXAMPLES)
+    result.meta["complete"] = True
+    outputs.atomic_write_json(out_dir / outputs.RUN_JSON, result.meta)
+    result.out_dir = out_dir
+    return out_dir
