@@ -348,6 +348,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "kind": "scan",
         "complete": False,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "attnprobe_version": attnprobe.__version__,
         "model": loaded.info,
         "data": stats,
         "options": to_dict(config),
