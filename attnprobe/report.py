@@ -1,0 +1,392 @@
+"""``attnprobe report``: read finished run folders and write their PNG figures and one HTML page.
+
+This module loads and checks run folders (scan or refine), derives the tables a report shows (layer
+means, flagged heads and their reasons, the comparison of several runs) and writes every file through
+a temporary name. It draws nothing itself (figures.py: which figures and how), builds no markup
+(htmlpage.py) and never changes the files of a run folder.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attnprobe import AttnprobeError, __version__, outputs
+from attnprobe.config import ReportConfig, Thresholds
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+HTML_NAME = "report.html"
+METRICS = (
+    "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
+    "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift",
+)
+FLAGS = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "collapsed", "nonfinite_flag")
+# The columns a report cannot be drawn without; the others are used where present.
+REQUIRED_HEAD_COLUMNS = ("layer", "head", "direct_entropy_norm", "indirect_entropy_norm", "gtd")
+REQUIRED_LAYER_COLUMNS = ("layer", "direct_entropy_norm", "indirect_entropy_norm", "gtd")
+REQUIRED_HISTORY_COLUMNS = ("epoch",)
+
+
+@dataclass
+class ReportResult:
+    """What ``write_report`` wrote: the folder, the HTML page (None for ``fmt="png"``), the PNGs, notes."""
+
+    out_dir: Path
+    html: Path | None = None
+    pngs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One loaded run folder. ``heads`` of a refine run is its last epoch of diagnostics.parquet."""
+
+    path: Path
+    name: str  # file-name safe ([A-Za-z0-9._-]) and unique within one report
+    meta: dict[str, Any]
+    heads: pd.DataFrame  # one row per (layer, head), with a boolean ``flagged`` column added
+    layers: pd.DataFrame  # one row per layer: metric means, ``heads``, ``flagged_heads``
+    flagged: pd.DataFrame  # the flagged heads: layer, head, a few values, reasons
+    history: pd.DataFrame | None = None  # refine only
+    epoch_layers: dict[float, pd.DataFrame] = field(default_factory=dict)  # refine only: epoch -> layers
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "scan"))
+
+    @property
+    def variant(self) -> str | None:
+        variant = self.meta.get("variant")
+        return None if variant is None else str(variant)
+
+    @property
+    def label(self) -> str:
+        """The run's name in legends and tables: folder name plus variant for refine runs."""
+        return f"{self.name} ({self.variant})" if self.variant else self.name
+
+    @property
+    def model_name(self) -> str:
+        model = self.meta.get("model")
+        if isinstance(model, dict):
+            return str(model.get("name") or model.get("path") or "?")
+        return str(model or "?")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(layers, heads) of the per-head grid."""
+        return int(self.heads["layer"].max()) + 1, int(self.heads["head"].max()) + 1
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return run_thresholds(self.meta)
+
+
+@dataclass
+class Plot:
+    """One rendered figure: its PNG file name, title and caption, and the run it belongs to (None: all)."""
+
+    file: str
+    title: str
+    caption: str
+    png: bytes
+    run: str | None = None
+
+
+def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt: str = "both") -> ReportResult:
+    """Write the report of one or more run folders: PNG figures and/or one self-contained HTML page.
+
+    Args:
+        runs: scan or refine run folders; empty means the newest finished run under ./attnprobe-runs/.
+        out: the output folder; default RUN_DIR/report for one run, ./attnprobe-runs/compare-<stamp>/
+            for several.
+        fmt: ``"html"`` (the page only, figures embedded), ``"png"`` (the figures only) or ``"both"``.
+
+    Every run is read and every figure rendered before the first file is written, so a bad run leaves
+    nothing behind; each file appears under its name only when complete, the HTML page last.
+    """
+    ReportConfig(format=fmt).validate()
+    notes: list[str] = []
+    paths = [Path(r) for r in runs]
+    if not paths:
+        latest = find_latest_run()
+        notes.append(f"No run folder was given; this reports the newest finished run, {latest}.")
+        paths = [latest]
+    loaded = [load_run(p) for p in paths]
+    _unique_names(loaded, notes)
+    for run in loaded:
+        notes.extend(run_notes(run))
+
+    from attnprobe import figures
+
+    plots = figures.render_all(loaded, notes)
+    comparison = comparison_table(loaded) if len(loaded) > 1 else None
+    page = None
+    if fmt in ("html", "both"):
+        from attnprobe import htmlpage
+
+        page = htmlpage.render_page(runs=loaded, plots=plots, comparison=comparison, notes=notes,
+                                    generated=time.strftime("%Y-%m-%d %H:%M:%S"), version=__version__)
+
+    if out is not None:
+        out_dir = Path(out)
+    elif len(loaded) == 1:
+        out_dir = paths[0] / "report"
+    else:
+        out_dir = outputs.new_run_dir("compare")
+    _make_out_dir(out_dir)
+    result = ReportResult(out_dir=out_dir, notes=notes)
+    if fmt in ("png", "both"):
+        result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
+    if page is not None:
+        result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    return result
+
+
+def find_latest_run(base: str | Path = outputs.DEFAULT_RUNS_DIR) -> Path:
+    """The finished run folder directly under ``base`` whose run.json is newest (by mtime)."""
+    base = Path(base)
+    candidates: list[tuple[float, str, Path]] = []
+    if base.is_dir():
+        for child in base.iterdir():
+            meta_path = child / outputs.RUN_JSON
+            if not meta_path.is_file():
+                continue
+            try:
+                outputs.read_run_json(child)
+            except AttnprobeError:
+                continue  # unfinished or broken runs are not candidates
+            candidates.append((meta_path.stat().st_mtime, child.name, child))
+    if not candidates:
+        raise AttnprobeError(
+            f"no finished runs under {base}/; run `attnprobe scan` first or pass a run folder to report"
+        )
+    return max(candidates)[2]
+
+
+def load_run(path: str | Path) -> Run:
+    """Read and check one run folder; raise AttnprobeError saying what is wrong and what to do."""
+    path = Path(path)
+    meta = outputs.read_run_json(path)
+    kind = meta.get("kind")
+    if kind is None:
+        kind = "refine" if (path / outputs.DIAGNOSTICS).exists() else "scan"
+        meta = {**meta, "kind": kind}
+    name = sanitize_name(path.resolve().name)
+    if kind == "scan":
+        heads = _read_parquet(path, outputs.HEADS, "scan", REQUIRED_HEAD_COLUMNS)
+        heads = _check_heads(_with_flags(heads), path / outputs.HEADS, "scan")
+        layers = _read_parquet(path, outputs.LAYERS, "scan", REQUIRED_LAYER_COLUMNS)
+        if "flagged_heads" not in layers.columns or "heads" not in layers.columns:
+            layers = layers.drop(columns=["flagged_heads", "heads"], errors="ignore").merge(
+                layer_means(heads)[["layer", "heads", "flagged_heads"]], on="layer", how="left")
+        layers = layers.sort_values("layer", ignore_index=True)
+        run = Run(path, name, meta, heads, layers, flagged_table(heads, run_thresholds(meta)))
+    elif kind == "refine":
+        diagnostics = _read_parquet(path, outputs.DIAGNOSTICS, "refine", (*REQUIRED_HEAD_COLUMNS, "epoch"))
+        history = _read_parquet(path, outputs.HISTORY, "refine", REQUIRED_HISTORY_COLUMNS)
+        diagnostics = _check_heads(_with_flags(diagnostics), path / outputs.DIAGNOSTICS, "refine", ("epoch",))
+        epochs = sorted(float(e) for e in diagnostics["epoch"].dropna().unique())
+        if not epochs:
+            raise AttnprobeError(f"{path / outputs.DIAGNOSTICS} has no epoch values; rerun the refine")
+        by_epoch = {e: diagnostics[diagnostics["epoch"] == e].reset_index(drop=True) for e in epochs}
+        epoch_layers = {e: layer_means(rows) for e, rows in by_epoch.items()}
+        heads = by_epoch[epochs[-1]]
+        run = Run(path, name, meta, heads, epoch_layers[epochs[-1]], flagged_table(heads, run_thresholds(meta)),
+                  history=history.sort_values(["epoch"], kind="stable", ignore_index=True),
+                  epoch_layers=epoch_layers)
+    else:
+        raise AttnprobeError(
+            f"{path / outputs.RUN_JSON} says kind {kind!r}; report reads runs of attnprobe scan or refine"
+        )
+    return run
+
+
+def layer_means(heads: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: the mean over heads of each metric column, ``heads`` and ``flagged_heads`` counts."""
+    import pandas as pd
+
+    cols = [c for c in METRICS if c in heads.columns]
+    numeric = heads[["layer", *cols]].copy()
+    for c in cols:
+        numeric[c] = pd.to_numeric(numeric[c], errors="coerce").astype(float)
+    grouped = numeric.groupby("layer", sort=True)
+    layers = grouped[cols].mean()
+    layers["heads"] = grouped.size()
+    layers["flagged_heads"] = heads.groupby("layer", sort=True)["flagged"].sum().astype(int)
+    return layers.reset_index()
+
+
+def flagged_table(heads: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
+    """The flagged heads with the reasons, e.g. ``low GTD (0.012 < 0.05)``, sorted by layer and head."""
+    import pandas as pd
+
+    rows = []
+    for rec in heads[heads["flagged"]].sort_values(["layer", "head"]).to_dict("records"):
+        rows.append({
+            "layer": int(rec["layer"]),
+            "head": int(rec["head"]),
+            "gtd": rec["gtd"],
+            "direct_entropy_norm": rec["direct_entropy_norm"],
+            "sink_mass": rec.get("sink_mass", float("nan")),
+            "reasons": "; ".join(flag_reasons(rec, thresholds)),
+        })
+    columns = ["layer", "head", "gtd", "direct_entropy_norm", "sink_mass", "reasons"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def flag_reasons(rec: dict[str, Any], t: Thresholds) -> list[str]:
+    """Why one head (a heads.parquet row as a dict) is flagged, in words with its value and threshold."""
+    reasons = []
+    h = rec.get("direct_entropy_norm")
+    if rec.get("entropy_collapse"):
+        reasons.append(f"entropy collapse (normalized direct entropy {_num(h)} < {t.entropy_collapse:g})")
+    if rec.get("low_gtd"):
+        reasons.append(f"low GTD ({_num(rec.get('gtd'))} < {t.low_gtd:g})")
+    if rec.get("high_gtd"):
+        reasons.append(f"high GTD ({_num(rec.get('gtd'))} > {t.high_gtd:g})")
+    if rec.get("sink"):
+        reasons.append(f"sink (sink mass {_num(rec.get('sink_mass'))} > {t.sink:g})")
+    if rec.get("diffuse"):
+        reasons.append(f"diffuse (normalized direct entropy {_num(h)} > {t.diffuse:g})")
+    if rec.get("collapsed") and not (rec.get("entropy_collapse") or rec.get("low_gtd")):
+        reasons.append("collapsed")
+    if rec.get("nonfinite_flag"):
+        reasons.append(f"non-finite attention ({rec.get('nonfinite', '?')} rows with NaN/Inf)")
+    return reasons
+
+
+def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per run: model, variant, final accuracy (refine), mean GTD and entropy, flagged heads."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        final = run.meta.get("final") if isinstance(run.meta.get("final"), dict) else {}
+        rows.append({
+            "run": run.name,
+            "model": run.model_name,
+            "variant": run.variant or run.kind,
+            "accuracy": final.get("accuracy"),
+            "mean GTD": float(run.heads["gtd"].mean()),
+            "mean normalized direct entropy": float(run.heads["direct_entropy_norm"].mean()),
+            "flagged heads": f"{int(run.heads['flagged'].sum())} / {len(run.heads)}",
+        })
+    return pd.DataFrame(rows)
+
+
+def run_notes(run: Run) -> list[str]:
+    """Things a reader of one run's report should know that the figures do not say."""
+    notes = []
+    if "nonfinite_flag" in run.heads.columns and run.heads["nonfinite_flag"].any():
+        n = int(run.heads["nonfinite_flag"].sum())
+        notes.append(f"{run.name}: {n} head(s) had attention rows with NaN/Inf; their metrics leave those rows out.")
+    return notes
+
+
+def run_thresholds(meta: dict[str, Any]) -> Thresholds:
+    """The thresholds a run was flagged with (run.json), falling back to the defaults for missing keys."""
+    stored = meta.get("thresholds")
+    if not isinstance(stored, dict):
+        return Thresholds()
+    values = asdict(Thresholds())
+    for key in values:
+        if isinstance(stored.get(key), (int, float)) and not isinstance(stored.get(key), bool):
+            values[key] = float(stored[key])
+    return Thresholds(**values)
+
+
+def sanitize_name(name: str) -> str:
+    """A file-name safe form of a run name: characters outside [A-Za-z0-9._-] become '_'.
+
+    >>> sanitize_name("my run/<b>")
+    'my_run__b_'
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    return safe or "run"
+
+
+def _unique_names(runs: Sequence[Run], notes: list[str]) -> None:
+    seen: set[str] = set()
+    for run in runs:
+        base, name, i = run.name, run.name, 1
+        while name in seen:
+            i += 1
+            name = f"{base}-{i}"
+        if name != base:
+            notes.append(f"Two runs are named {base}; {run.path} is shown as {name}.")
+            run.name = name
+        seen.add(name)
+
+
+def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str]) -> pd.DataFrame:
+    import pandas as pd
+    import pyarrow as pa
+
+    path = run_dir / file
+    if not path.is_file():
+        raise AttnprobeError(f"{path} is missing or not readable Parquet (no such file); rerun the {command}")
+    try:
+        df = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise AttnprobeError(
+            f"{path} is missing or not readable Parquet ({detail}); rerun the {command}"
+        ) from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise AttnprobeError(
+            f"{path} lacks the column(s) {', '.join(missing)}; rerun the {command} with attnprobe {__version__}"
+        )
+    if df.empty:
+        raise AttnprobeError(f"{path} has no rows; rerun the {command}")
+    return df
+
+
+def _with_flags(heads: pd.DataFrame) -> pd.DataFrame:
+    """Boolean flag columns (missing ones False) and ``flagged = collapsed | high_gtd | sink | diffuse``."""
+    heads = heads.copy()
+    for flag in FLAGS:
+        if flag == "collapsed" and flag not in heads.columns:
+            continue
+        heads[flag] = heads[flag].fillna(False).astype(bool) if flag in heads.columns else False
+    if "collapsed" not in heads.columns:
+        heads["collapsed"] = heads["entropy_collapse"] | heads["low_gtd"]
+    heads["flagged"] = heads["collapsed"] | heads["high_gtd"] | heads["sink"] | heads["diffuse"]
+    return heads
+
+
+def _check_heads(heads: pd.DataFrame, path: Path, command: str, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """Whole layer/head numbers from 0 and one row per (``keys``..., layer, head)."""
+    for col in ("layer", "head"):
+        values = heads[col]
+        if values.isna().any() or (values < 0).any() or (values != values.round()).any():
+            raise AttnprobeError(f"{path} has {col} values that are not whole numbers from 0; rerun the {command}")
+    heads["layer"] = heads["layer"].astype(int)
+    heads["head"] = heads["head"].astype(int)
+    if heads.duplicated([*keys, "layer", "head"]).any():
+        raise AttnprobeError(f"{path} has more than one row for some (layer, head); rerun the {command}")
+    return heads
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AttnprobeError(f"output path {out_dir} is a file; pass a folder with --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AttnprobeError(
+            f"cannot create the report folder {out_dir} ({exc.strerror or exc}); choose a writable --out"
+        ) from None
+
+
+def _num(value: Any) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return "?"
