@@ -195,23 +195,29 @@ def scan(
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
         })
         from attnprobe import data as data_mod
-        from attnprobe import models, outputs
+        from attnprobe import models, parallel
         from attnprobe import scan as scan_mod
 
         if cfg.out:  # refuse an occupied folder before the slow model load
             _check_free(Path(cfg.out), cfg.overwrite)
         source = data_mod.open_source(cfg.data, cfg.text, text_column=cfg.text_column,
                                       text_pair_column=cfg.text_pair_column, encoding=cfg.encoding)
-        loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=cfg.device, dtype=cfg.dtype,
-                                   allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
-        show = not as_json and sys.stderr.isatty()
-        with _output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) as out_dir, \
-                _StopFlag() as stop, _progress(show, "scanning") as progress:
+        world = parallel.current_world(cfg.device)
+        loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=parallel.device_for(world, cfg.device),
+                                   dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
+                                   trust_remote_code=cfg.trust_remote_code)
+        show = not as_json and sys.stderr.isatty() and world.is_main
+        folder = (_output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
+                  else contextlib.nullcontext(None))
+        with folder as out_dir, _StopFlag() as stop, _progress(show, "scanning") as progress:
+            out_dir = parallel.broadcast_object(str(out_dir) if out_dir else None, world)
             task = progress.add_task("scanning", total=cfg.limit) if progress else None
             result = scan_mod.scan(
-                cfg, loaded=loaded, out_dir=out_dir, source=source, should_stop=stop,
-                on_progress=(lambda n: progress.advance(task, n)) if progress else None)
-        _print_scan(result, out_dir, as_json)
+                cfg, loaded=loaded, out_dir=out_dir, source=source, should_stop=stop, world=world,
+                on_progress=(lambda n: progress.advance(task, n)) if progress else None,
+                on_notice=lambda message: typer.echo(f"note: {message}", err=True))
+        if world.is_main:
+            _print_scan(result, Path(out_dir), as_json)
 
 
 def _check_free(path: Path, overwrite: bool) -> None:
@@ -260,7 +266,8 @@ def _print_scan(result, out_dir: Path, as_json: bool) -> None:
                       f"{int(r.flagged_heads)}/{int(r.heads)}")
     console = _console()
     console.print(table)
-    console.print(f"wrote {out_dir}/ (heads.parquet, layers.parquet{', examples.parquet' if meta['options']['per_example'] else ''}, run.json)")
+    files = "heads.parquet, layers.parquet" + (", examples.parquet" if meta["options"]["per_example"] else "")
+    console.print(f"wrote {out_dir}/ ({files}, run.json)", markup=False)
 
 
 def _reasons(row) -> list[str]:
@@ -342,11 +349,11 @@ def report(
         result = write_report([str(r) for r in runs or ()], out, fmt)
         console = _console()
         for note in result.notes:
-            console.print(note)
+            console.print(note, markup=False)
         if result.html:
-            console.print(f"wrote {result.html}")
+            console.print(f"wrote {result.html}", markup=False)
         if result.pngs:
-            console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/")
+            console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
 
 
 @app.command("models")

@@ -45,46 +45,54 @@ class Probe:
     """Accumulates per-(layer, head) metric sums over batches, from attention handed to ``observe``.
 
     Usage: ``probe.begin(keep, special)``, run the model inside ``capturing(probe)``, then
-    ``probe.end()`` which returns this batch's per-example sums ``{name: (B, L, H)}`` when
-    ``per_example`` is set. ``totals()`` gives the ``(L, H)`` sums over everything seen.
+    ``probe.end()``, which adds the batch to the totals and returns its per-example sums
+    ``{name: (B, L, H)}`` when ``per_example`` is set. A batch counts only once ``end()`` accepts it, so
+    a forward pass that fails half-way (``abort()``) leaves the totals untouched. ``totals()`` gives the
+    ``(L, H)`` sums over every accepted batch.
 
     Args:
         num_layers: expected attention calls per forward pass.
         hops: K of the multi-hop attention.
-        per_example: also keep this batch's per-(example, layer, head) sums.
+        per_example: also return each batch's per-(example, layer, head) sums.
         metric_dtype: dtype the metrics are computed in (float32 or float64); lower-precision
             attention is upcast.
+        num_heads: heads per layer, if known (lets ``totals()`` exist before any batch).
     """
 
     def __init__(self, num_layers: int, hops: int = 2, per_example: bool = False,
-                 metric_dtype: torch.dtype = torch.float32):
+                 metric_dtype: torch.dtype = torch.float32, num_heads: int | None = None):
         self.num_layers = num_layers
         self.hops = hops
         self.per_example = per_example
         self.metric_dtype = metric_dtype
+        self.num_heads = num_heads
         self._totals: dict[str, torch.Tensor] | None = None
         self._keep: torch.Tensor | None = None
         self._special: torch.Tensor | None = None
-        self._layer = 0
         self._batch: list[dict[str, torch.Tensor]] = []
         self.refined_layers: set[int] = set()
-        self.num_heads: int | None = None
-        self.calls = 0  # attention calls seen in total (used to verify the backend really runs)
+        self.calls = 0  # attention calls seen in total
+        if num_heads is not None:
+            self._init_totals(num_heads)
 
     def begin(self, keep: torch.Tensor, special: torch.Tensor | None = None) -> None:
         """Start a batch: ``keep`` and ``special`` are ``(B, Q)`` bool masks of the input tokens."""
         self._keep = keep.bool()
         self._special = special.bool() if special is not None else None
-        self._layer = 0
+        self._batch = []
+
+    def abort(self) -> None:
+        """Drop the batch in progress (e.g. after an out-of-memory error); totals stay as they were."""
+        self._keep = None
+        self._special = None
         self._batch = []
 
     def observe(self, module, probs: torch.Tensor, plain: torch.Tensor | None = None) -> None:
-        """Reduce one layer's ``(B, H, Q, K)`` attention (``plain``: before SAOBP) into the sums."""
+        """Reduce one layer's ``(B, H, Q, K)`` attention (``plain``: before SAOBP) to ``(B, H)`` sums."""
         self.calls += 1
         if self._keep is None:
             return  # a forward pass outside begin()/end(), e.g. a backend check
-        layer = self._layer
-        self._layer += 1
+        layer = len(self._batch)
         if layer >= self.num_layers:
             raise RuntimeError(
                 f"the model made more attention calls ({layer + 1}) than it has layers ({self.num_layers})"
@@ -92,56 +100,48 @@ class Probe:
         B, H, Q, K = probs.shape
         keep = self._keep.to(probs.device)
         special = self._special.to(probs.device) if self._special is not None else None
-        if self.num_heads is None:
-            self.num_heads = H
         if plain is not None:
             self.refined_layers.add(layer)
-        per_head = max(1, B * Q * K)
-        step = max(1, min(H, CHUNK_ELEMENTS // per_head))
+        step = max(1, min(H, CHUNK_ELEMENTS // max(1, B * Q * K)))
         parts: list[dict[str, torch.Tensor]] = []
         for h0 in range(0, H, step):
             p = probs[:, h0:h0 + step].to(self.metric_dtype)
             pl = plain[:, h0:h0 + step].to(self.metric_dtype) if plain is not None else None
             values = metrics.query_metrics(p, keep, special, self.hops, plain=pl)
-            parts.append(metrics.query_sums(values, keep))
+            parts.append({k: v.cpu() for k, v in metrics.query_sums(values, keep).items()})
             del values, p, pl
         sums = {k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]}  # each (B, H)
         if "bp_shift" not in sums:
             sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))
-        self._accumulate(layer, sums)
-        if self.per_example:
-            self._batch.append({k: v.cpu() for k, v in sums.items()})
+        self._batch.append(sums)
 
-    def _accumulate(self, layer: int, sums: dict[str, torch.Tensor]) -> None:
-        if self._totals is None:
-            H = sums["queries"].shape[1]
-            self._totals = {k: torch.zeros(self.num_layers, H, dtype=torch.float64) for k in sums}
-            self._totals["bp_shift"] = torch.full((self.num_layers, H), float("nan"), dtype=torch.float64)
-        for k, v in sums.items():
-            total = v.sum(0).cpu()
-            if k == "bp_shift":
-                if torch.isnan(total).all():
-                    continue
-                current = self._totals[k][layer]
-                self._totals[k][layer] = torch.where(torch.isnan(current), 0.0, current) + total
-            else:
-                self._totals[k][layer] += total
+    def _init_totals(self, num_heads: int) -> None:
+        self.num_heads = num_heads
+        shape = (self.num_layers, num_heads)
+        self._totals = {k: torch.zeros(shape, dtype=torch.float64) for k in (*SUM_KEYS, *COUNT_KEYS)}
+        self._totals["bp_shift"] = torch.full(shape, float("nan"), dtype=torch.float64)
 
     def end(self) -> dict[str, torch.Tensor] | None:
-        """Finish a batch; check every layer was seen; return per-example sums ``(B, L, H)`` if kept."""
-        seen = self._layer
-        self._keep = None
-        self._special = None
-        if seen != self.num_layers:
+        """Accept the batch: check every layer was seen, add it to the totals, return ``(B, L, H)`` sums."""
+        batch = self._batch
+        self.abort()
+        if len(batch) != self.num_layers:
             raise RuntimeError(
-                f"the probe saw {seen} attention calls in one forward pass, expected {self.num_layers}; "
+                f"the probe saw {len(batch)} attention calls in one forward pass, expected {self.num_layers}; "
                 "the model does not run attnprobe's attention function in every layer"
             )
-        if not self.per_example:
-            return None
-        batch = self._batch
-        self._batch = []
-        return {k: torch.stack([layer[k] for layer in batch], dim=1) for k in batch[0]}
+        stacked = {k: torch.stack([layer[k] for layer in batch], dim=1) for k in batch[0]}  # (B, L, H)
+        if self._totals is None:
+            self._init_totals(stacked["queries"].shape[-1])
+        for k, v in stacked.items():
+            total = v.sum(0)  # (L, H); NaN for bp_shift of unrefined layers
+            if k == "bp_shift":
+                current = self._totals[k]
+                refined = ~torch.isnan(total)
+                self._totals[k] = torch.where(refined, torch.nan_to_num(current) + total, current)
+            else:
+                self._totals[k] += total
+        return stacked if self.per_example else None
 
     def totals(self) -> dict[str, torch.Tensor]:
         """``(L, H)`` float64 sums over all batches so far (``queries`` = valid rows summed)."""

@@ -142,36 +142,94 @@ def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special:
     return probe.end()
 
 
+def _split(batch: dict[str, torch.Tensor], special: torch.Tensor, rows: list[int]):
+    half = len(rows) // 2
+    for sl in (slice(0, half), slice(half, None)):
+        part = {k: v[sl] for k, v in batch.items()}
+        n = int(part["attention_mask"].sum(-1).max())  # trim padding the half no longer needs
+        yield {k: v[:, :n] for k, v in part.items()}, special[sl, :n], rows[sl]
+
+
+def forward_resilient(loaded, probe: Probe, batch, special, rows, model=None,
+                      on_notice: Callable[[str], None] | None = None, state: dict | None = None):
+    """``forward_batch``, halving the batch (recursively) when it runs out of memory.
+
+    Yields ``(batch, rows, per_example_sums)`` for each piece that ran. Says so once via ``on_notice``.
+    """
+    try:
+        per = forward_batch(loaded, probe, batch, special, model=model)
+    except torch.OutOfMemoryError:
+        probe.abort()
+        if len(rows) == 1:
+            raise AttnprobeError(
+                f"one sequence of {batch['input_ids'].shape[1]} tokens does not fit in device memory; "
+                "lower --max-length or use --dtype bfloat16"
+            ) from None
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if state is not None and not state.get("oom_noted"):
+            state["oom_noted"] = True
+            if on_notice is not None:
+                on_notice(f"a batch of {len(rows)} ran out of memory; splitting batches in half where needed")
+        if state is not None:
+            state["oom_splits"] = state.get("oom_splits", 0) + 1
+        for piece in _split(batch, special, rows):
+            yield from forward_resilient(loaded, probe, *piece, model=model, on_notice=on_notice, state=state)
+        return
+    yield batch, rows, per
+
+
 def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, hops: int,
                 per_example: bool = False, on_examples: Callable | None = None,
                 on_progress: Callable[[int], None] | None = None,
                 should_stop: Callable[[], int | None] | None = None,
-                model=None, metric_dtype: torch.dtype | None = None) -> tuple[Probe, dict[str, int]]:
-    """Stream chunks (objects with texts/pairs/rows) through the model; return the probe and counters."""
+                on_notice: Callable[[str], None] | None = None,
+                model=None, metric_dtype: torch.dtype | None = None,
+                world=None) -> tuple[Probe, dict[str, int]]:
+    """Stream chunks (objects with texts/pairs/rows) through the model; return the probe and counters.
+
+    With a distributed ``world`` (parallel.World) each process takes every ``world.size``-th row of
+    each chunk, and the sums and counters are all-reduced at the end, so every process returns the totals.
+    """
+    from attnprobe import parallel
+
+    world = world or parallel.World()
     tokenizer = loaded.tokenizer
     if metric_dtype is None:
         metric_dtype = torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
-    probe = Probe(loaded.num_layers, hops=hops, per_example=per_example, metric_dtype=metric_dtype)
+    probe = Probe(loaded.num_layers, hops=hops, per_example=per_example, metric_dtype=metric_dtype,
+                  num_heads=loaded.num_heads or None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
-    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0}
+    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0}
+    state: dict = {}
     for chunk in chunks:
-        enc = encode_chunk(tokenizer, chunk.texts, chunk.pairs, chunk.rows, max_length)
+        texts, pairs, rows = chunk.texts, chunk.pairs, chunk.rows
+        if world.distributed:
+            sl = slice(world.rank, None, world.size)
+            texts, rows = texts[sl], rows[sl]
+            pairs = pairs[sl] if pairs is not None else None
+        enc = encode_chunk(tokenizer, texts, pairs, rows, max_length)
         counts["truncated"] += enc.truncated
         counts["too_short"] += enc.short
-        for batch, special, rows in make_batches(enc, batch_size, pad_id, special_ids, loaded.device):
+        for batch, special, batch_rows in make_batches(enc, batch_size, pad_id, special_ids, loaded.device):
             if should_stop is not None and (signum := should_stop()):
                 raise Interrupted(signum)
-            per = forward_batch(loaded, probe, batch, special, model=model)
-            counts["sequences"] += len(rows)
-            counts["tokens"] += int(batch["attention_mask"].sum())
-            if per is not None and on_examples is not None:
-                on_examples(rows, batch["attention_mask"].sum(-1).tolist(), per)
+            for piece, piece_rows, per in forward_resilient(loaded, probe, batch, special, batch_rows, model=model,
+                                                            on_notice=on_notice, state=state):
+                counts["sequences"] += len(piece_rows)
+                counts["tokens"] += int(piece["attention_mask"].sum())
+                if per is not None and on_examples is not None:
+                    on_examples(piece_rows, piece["attention_mask"].sum(-1).tolist(), per)
             if on_progress is not None:
-                on_progress(len(rows))
+                on_progress(len(batch_rows) * world.size)
         if on_progress is not None and enc.short:
             on_progress(enc.short)
-    if probe._totals is None:
+    counts["oom_splits"] = state.get("oom_splits", 0)
+    if world.distributed:
+        probe.load_totals(parallel.all_reduce_sums(probe.totals(), world))
+        counts = parallel.all_reduce_counts(counts, world)
+    if counts["sequences"] == 0:
         raise AttnprobeError("no sequence with at least 2 tokens to scan; check the input texts")
     return probe, counts
 
@@ -260,6 +318,7 @@ class _ExampleSink:
     writer: Any = None  # outputs.ParquetRowWriter, or None to keep in memory
     frames: list = field(default_factory=list)
     pending: list = field(default_factory=list)
+    world: Any = None  # parallel.World: rows of every process are gathered on the main one
 
     def add(self, rows, tokens, per):
         self.pending.append(example_frame(rows, tokens, per))
@@ -267,10 +326,17 @@ class _ExampleSink:
     def flush(self):
         import pandas as pd
 
-        if not self.pending:
+        from attnprobe import parallel
+
+        pending, self.pending = self.pending, []
+        if self.world is not None and self.world.distributed:
+            gathered = parallel.gather_objects(pending, self.world)
+            if not self.world.is_main:
+                return
+            pending = [df for part in gathered for df in part]
+        if not pending:
             return
-        df = pd.concat(self.pending).sort_values(["example", "layer", "head"], kind="stable")
-        self.pending = []
+        df = pd.concat(pending).sort_values(["example", "layer", "head"], kind="stable")
         if self.writer is not None:
             self.writer.write(df)
         else:
@@ -292,8 +358,12 @@ class _Chunks:
 
 def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path | None = None,
          on_progress: Callable[[int], None] | None = None,
-         should_stop: Callable[[], int | None] | None = None, source=None) -> ScanResult:
+         should_stop: Callable[[], int | None] | None = None, source=None,
+         on_notice: Callable[[str], None] | None = None, world=None) -> ScanResult:
     """Scan a corpus and return per-head and per-layer diagnostics (and write them if ``out_dir``).
+
+    Under torchrun / accelerate (``world``: parallel.World with several processes) every process scans
+    its share of the rows, the sums are combined exactly, and only the main process writes files.
 
     Args:
         config: options (``ScanConfig()`` scans the bundled model on the sample corpus).
@@ -303,9 +373,12 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         on_progress: called with the number of rows done after each batch.
         should_stop: returns a signal number to stop at the next batch, or None.
         source: a data.TextSource, else one is opened from ``config``.
+        on_notice: called with one-line notices (e.g. batches split after running out of memory).
+        world: the process group (parallel.current_world()); None for a single process.
     """
-    from attnprobe import data, models
+    from attnprobe import data, models, parallel
 
+    world = world or parallel.World()
     config = (config or ScanConfig()).validate()
     torch.manual_seed(config.seed)
     started = time.time()
@@ -313,19 +386,23 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         source = data.open_source(config.data, config.text, text_column=config.text_column,
                                   text_pair_column=config.text_pair_column, encoding=config.encoding)
     if loaded is None:
-        loaded = models.load_model(config.model, num_layers=config.num_layers, device=config.device,
+        loaded = models.load_model(config.model, num_layers=config.num_layers,
+                                   device=parallel.device_for(world, config.device),
                                    dtype=config.dtype, allow_pickle=config.allow_pickle,
                                    trust_remote_code=config.trust_remote_code)
     max_length = effective_max_length(loaded, config.max_length)
     writer = None
+    if not world.is_main:
+        out_dir = None
     if config.per_example and out_dir is not None:
         writer = outputs.ParquetRowWriter(Path(out_dir) / outputs.EXAMPLES)
-    sink = _ExampleSink(writer) if config.per_example else None
+    sink = _ExampleSink(writer, world=world) if config.per_example else None
     try:
         probe, counts = run_batches(
             loaded, _Chunks(source, config.limit, sink), batch_size=config.batch_size,
             max_length=max_length, hops=config.hops, per_example=config.per_example,
-            on_examples=sink.add if sink else None, on_progress=on_progress, should_stop=should_stop)
+            on_examples=sink.add if sink else None, on_progress=on_progress, should_stop=should_stop,
+            on_notice=on_notice, world=world)
         if sink is not None:
             sink.flush()
     except BaseException:
@@ -343,6 +420,9 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
     stats.update({"sequences_scanned": counts["sequences"], "tokens": counts["tokens"],
                   "truncated": counts["truncated"], "skipped_too_short": counts["too_short"],
                   "max_length": max_length})
+    notices = []
+    if counts["oom_splits"]:
+        notices.append(f"{counts['oom_splits']} batches were split in half after running out of memory")
     bad = heads[heads["nonfinite"] > 0]
     meta = {
         "kind": "scan",
@@ -362,6 +442,8 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "nonfinite": {"rows": int(heads["nonfinite"].sum()),
                       "heads": [[int(r.layer), int(r.head)] for r in bad.itertuples()]},
         "refined_layers": sorted(probe.refined_layers),
+        "processes": world.size,
+        "notices": notices,
     }
     result = ScanResult(heads=heads, layers=layers, meta=meta, examples=examples)
     if out_dir is not None:
