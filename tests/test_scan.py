@@ -187,3 +187,26 @@ def test_memory_does_not_stack_layers(tiny_bert, monkeypatch):
     monkeypatch.setattr(probe_mod.Probe, "observe", spy)
     scan(ScanConfig(model=str(tiny_bert), text=tuple(TEXTS)))
     assert refs and all(r() is None for r in refs)
+
+
+def test_nonfinite_attention_is_flagged_not_averaged(tiny_bert, tmp_path):
+    """Overflowing scores (as in half precision) give NaN attention: counted, flagged, left out of means."""
+    from attnprobe.scan import write_scan
+
+    loaded = models.load_model(str(tiny_bert))
+    attn = loaded.model.encoder.layer[1].attention.self
+    with torch.no_grad():
+        attn.query.weight.mul_(1e25)
+        attn.key.weight.mul_(1e25)
+    res = scan(ScanConfig(model=str(tiny_bert), text=tuple(TEXTS)), loaded=loaded)
+    layer1 = res.heads[res.heads.layer == 1]
+    assert (layer1["nonfinite"] > 0).any() and layer1["nonfinite_flag"].any()
+    assert res.heads[res.heads.layer == 0]["nonfinite"].eq(0).all()
+    assert res.meta["nonfinite"]["rows"] > 0 and res.meta["nonfinite"]["heads"]
+    finite = res.heads[["direct_entropy", "gtd"]].dropna()
+    assert np.isfinite(finite.to_numpy()).all()
+    write_scan(res, tmp_path)  # run.json must stay valid JSON (no NaN literals)
+    import json
+
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert all(h[0] == 1 for h in meta["nonfinite"]["heads"])
