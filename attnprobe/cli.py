@@ -25,27 +25,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 _STATE = {"debug": False}
 
-ModelArg = Annotated[Optional[str], typer.Argument(help="Model folder, alias (see `attnprobe models`) or cached hub id. Default: minilm-l6.", show_default=False)]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file of options; flags win over it.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: a new folder under ./attnprobe-runs/).")]
+ModelArg = Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Model folder, alias (see `attnprobe models`) or cached hub id. Default: minilm-l6.", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="TOML file of options; flags win over it.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Output folder (default: a new folder under ./attnprobe-runs/).")]
 TextCol = Annotated[Optional[str], typer.Option("--text-column", help="Column holding the text.")]
 PairCol = Annotated[Optional[str], typer.Option("--text-pair-column", help="Column holding the second text of a pair.")]
-Encoding = Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the input file [default: utf-8].")]
+Encoding = Annotated[Optional[str], typer.Option("--encoding", help="Text encoding of the input file (default: utf-8).")]
 NumLayers = Annotated[Optional[int], typer.Option("--num-layers", help="Keep only the first N layers.")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per batch [default: 32].")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per batch (default: 32).")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate sequences to this many tokens.")]
-Hops = Annotated[Optional[int], typer.Option("--hops", help="K of the multi-hop attention (2 = A @ A) [default: 2].")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: auto].")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16 [default: float32]; metrics are float32 or better.")]
+Hops = Annotated[Optional[int], typer.Option("--hops", help="K of the multi-hop attention (2 = A @ A) (default: 2).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: auto).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16 (default: float32); metrics are float32 or better.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
-AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle", help="Allow pickle (.bin) weights, which can run code. Only for trusted files.")]
-TrustRemote = Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Run a checkpoint's own Python code. Only for trusted sources.")]
-Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a run already in --out.")]
-ThrOpt = Annotated[Optional[float], typer.Option(help="Flag threshold (see docs/method.md).", show_default=False)]
+AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights, which can run code. Only for trusted files.")]
+TrustRemote = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run a checkpoint's own Python code. Only for trusted sources.")]
+Overwrite = Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run already in --out.")]
+
+def _threshold(flag: str, rule: str, default: float):
+    return Annotated[Optional[float], typer.Option(f"--{flag}", help=f"Flag threshold: {rule} (default: {default}).")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -155,8 +158,8 @@ def main_callback(
 @app.command()
 def scan(
     model: ModelArg = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Corpus: .txt .csv .tsv .jsonl .parquet (default: the built-in sample).")] = None,
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="A text to scan (repeatable).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Corpus: .txt .csv .tsv .jsonl .parquet (default: the built-in sample).")] = None,
+    text: Annotated[Optional[list[str]], typer.Option("--text", metavar="TEXT", help="A text to scan (repeatable).")] = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     text_column: TextCol = None,
@@ -169,16 +172,16 @@ def scan(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Scan only the first N rows.")] = None,
     device: Device = None,
     dtype: Dtype = None,
-    per_example: Annotated[Optional[bool], typer.Option("--per-example", help="Also write examples.parquet (one row per example, layer, head).")] = None,
+    per_example: Annotated[Optional[bool], typer.Option("--per-example/--no-per-example", help="Also write examples.parquet (one row per example, layer, head).")] = None,
     seed: Seed = None,
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
-    entropy_collapse: ThrOpt = None,
-    low_gtd: ThrOpt = None,
-    high_gtd: ThrOpt = None,
-    sink: ThrOpt = None,
-    diffuse: ThrOpt = None,
+    entropy_collapse: _threshold("entropy-collapse", "normalized direct entropy below it", 0.15) = None,
+    low_gtd: _threshold("low-gtd", "GTD below it", 0.05) = None,
+    high_gtd: _threshold("high-gtd", "GTD above it", 0.60) = None,
+    sink: _threshold("sink", "sink_mass above it", 0.5) = None,
+    diffuse: _threshold("diffuse", "normalized direct entropy above it", 0.95) = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
     """Capture every layer's and head's attention over a corpus and compute GTD, entropies and flags."""
@@ -278,33 +281,33 @@ def _reasons(row) -> list[str]:
 @app.command()
 def refine(
     model: ModelArg = None,
-    train: Annotated[Optional[Path], typer.Option("--train", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
-    eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high [default: bp-high].")] = None,
+    train: Annotated[Optional[Path], typer.Option("--train", metavar="FILE", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
+    eval_file: Annotated[Optional[Path], typer.Option("--eval", metavar="FILE", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: bp-high).")] = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Override the variant's gamma = 1 - exp(J), in [0, 1).")] = None,
-    strength: Annotated[Optional[float], typer.Option("--strength", help="Weight of the SAOBP message term [default: 1.0].")] = None,
-    bp_layers: Annotated[Optional[str], typer.Option("--bp-layers", help="Layers refined: all, lower, upper or a list like 0,1 [default: all].")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="Weight of the SAOBP message term (default: 1.0).")] = None,
+    bp_layers: Annotated[Optional[str], typer.Option("--bp-layers", help="Layers refined: all, lower, upper or a list like 0,1 (default: all).")] = None,
     text_column: TextCol = None,
     text_pair_column: PairCol = None,
     label_column: Annotated[Optional[str], typer.Option("--label-column", help="Column holding the label.")] = None,
     encoding: Encoding = None,
     num_layers: NumLayers = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Training epochs [default: 3].")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate [default: 5e-5].")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Training epochs (default: 3).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: 5e-5).")] = None,
     batch_size: BatchSize = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Gradient accumulation steps [default: 1].")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Gradient accumulation steps (default: 1).")] = None,
     max_length: MaxLength = None,
     seed: Seed = None,
-    warmup_ratio: Annotated[Optional[float], typer.Option("--warmup-ratio", help="Share of steps for LR warm-up [default: 0.1].")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay [default: 0.01].")] = None,
+    warmup_ratio: Annotated[Optional[float], typer.Option("--warmup-ratio", help="Share of steps for LR warm-up (default: 0.1).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay (default: 0.01).")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Use at most N training rows (seeded sample).")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Use at most N evaluation rows.")] = None,
     hops: Hops = None,
     device: Device = None,
     dtype: Dtype = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue an interrupted run in --out from its last checkpoint.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out from its last checkpoint.")] = None,
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
@@ -335,7 +338,7 @@ def refine(
 
 @app.command()
 def report(
-    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (default: the newest under ./attnprobe-runs/).", show_default=False)] = None,
+    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="RUN_DIR", help="Run folders (default: the newest under ./attnprobe-runs/).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the report (default: RUN_DIR/report, or a compare-* folder for several runs).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="html, png or both.")] = "both",
 ):
