@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -262,7 +261,7 @@ def load_model(
         LoadedModel in eval mode on the chosen device.
     """
     register_attention()
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     path, source, revision = resolve_model(spec)
     weights = check_weights(path, allow_pickle)

@@ -38,7 +38,6 @@ def current_world(device: str = "auto") -> World:
         return World()
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()

@@ -8,7 +8,6 @@ module prints nothing (cli.py does).
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -19,9 +18,11 @@ from typing import Any
 import torch
 
 import attnprobe
-from attnprobe import AttnprobeError, metrics, outputs
-from attnprobe.config import ScanConfig, Thresholds, to_dict
-from attnprobe.probe import Probe, capturing, means
+from attnprobe import AttnprobeError, outputs
+from attnprobe.config import ScanConfig, to_dict
+from attnprobe.probe import Probe, capturing
+from attnprobe.tables import (  # noqa: F401  (re-exported: refine and benchmarks use them from here)
+    FLAG_COLUMNS, METRIC_COLUMNS, example_frame, head_frame, layer_frame)
 
 CHUNK_ROWS = 2048
 
@@ -232,76 +233,6 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
     if counts["sequences"] == 0:
         raise AttnprobeError("no sequence with at least 2 tokens to scan; check the input texts")
     return probe, counts
-
-
-FLAG_COLUMNS = (*metrics.FLAGS, "nonfinite_flag")
-METRIC_COLUMNS = (
-    "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
-    "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift",
-)
-
-
-def head_frame(sums: dict[str, torch.Tensor], thresholds: Thresholds):
-    """The heads.parquet table from ``(L, H)`` sums: token-weighted means plus flags."""
-    import pandas as pd
-
-    m = means(sums)
-    L, H = m["queries"].shape
-    records = []
-    for layer in range(L):
-        for head in range(H):
-            row: dict[str, Any] = {"layer": layer, "head": head, "queries": int(m["queries"][layer, head])}
-            for name in METRIC_COLUMNS:
-                value = float(m[name][layer, head]) if name in m else float("nan")
-                row[name] = None if math.isnan(value) else value
-            row["nonfinite"] = int(m["nonfinite"][layer, head])
-            nan = float("nan")
-            f = metrics.flags(
-                row["direct_entropy_norm"] if row["direct_entropy_norm"] is not None else nan,
-                row["gtd"] if row["gtd"] is not None else nan,
-                row["sink_mass"] if row["sink_mass"] is not None else nan,
-                thresholds,
-            )
-            row.update(f)
-            row["nonfinite_flag"] = row["nonfinite"] > 0
-            records.append(row)
-    df = pd.DataFrame.from_records(records)
-    for name in METRIC_COLUMNS:
-        df[name] = df[name].astype("float64")
-    return df
-
-
-def layer_frame(heads):
-    """The layers.parquet table: metric means over heads, number of heads and of flagged heads."""
-    cols = list(METRIC_COLUMNS)
-    grouped = heads.groupby("layer", sort=True)
-    df = grouped[cols].mean()
-    df["queries"] = grouped["queries"].max()
-    df["nonfinite"] = grouped["nonfinite"].sum()
-    df["heads"] = grouped["head"].count()
-    flagged = heads["collapsed"] | heads["high_gtd"] | heads["sink"] | heads["diffuse"] | heads["nonfinite_flag"]
-    df["flagged_heads"] = flagged.groupby(heads["layer"]).sum().astype("int64")
-    for flag in FLAG_COLUMNS:
-        df[f"{flag}_heads"] = heads.groupby("layer")[flag].sum().astype("int64")
-    return df.reset_index()
-
-
-def example_frame(rows: list[int], tokens: list[int], per: dict[str, torch.Tensor]):
-    """Per-(example, layer, head) rows from one batch's ``(B, L, H)`` sums."""
-    import pandas as pd
-
-    m = means(per)
-    B, L, H = m["queries"].shape
-    data = {
-        "example": torch.tensor(rows).repeat_interleave(L * H).numpy(),
-        "tokens": torch.tensor(tokens).repeat_interleave(L * H).numpy(),
-        "layer": torch.arange(L).repeat_interleave(H).repeat(B).numpy(),
-        "head": torch.arange(H).repeat(B * L).numpy(),
-    }
-    for name in METRIC_COLUMNS:
-        data[name] = m[name].reshape(-1).numpy() if name in m else float("nan")
-    data["nonfinite"] = m["nonfinite"].reshape(-1).to(torch.int64).numpy()
-    return pd.DataFrame(data)
 
 
 def versions() -> dict[str, str]:
