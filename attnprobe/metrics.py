@@ -108,14 +108,14 @@ def first_mass(probs: torch.Tensor) -> torch.Tensor:
 
 def special_mass(probs: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
     """Mass on the tokenizer's special tokens; ``special`` is ``(..., K)`` bool, result ``(..., Q)``."""
-    return (probs * special.unsqueeze(-2).to(probs.dtype)).sum(-1)
+    return (probs @ special.to(probs.dtype).unsqueeze(-1)).squeeze(-1)  # a matrix-vector product
 
 
 def key_share(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Share of all attention that each key receives, ``(1/n) sum_i A_ik`` over valid queries, ``(..., K)``."""
     w = keep.to(probs.dtype)
     n = w.sum(-1, keepdim=True).clamp_min(1.0)
-    return (probs * w.unsqueeze(-1)).sum(-2) / n
+    return (w.unsqueeze(-2) @ probs).squeeze(-2) / n  # (..., 1, Q) @ (..., Q, K): a vector-matrix product
 
 
 def sink_mass(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,8 @@ def query_metrics(
     }
     if plain is not None:
         out["bp_shift"] = bp_shift(probs, plain)
-    out["nonfinite"] = ~torch.isfinite(probs).all(-1)
+    # A NaN or Inf anywhere in a row makes its entropy non-finite, so this costs no pass over (Q, K).
+    out["nonfinite"] = ~(torch.isfinite(h_dir) & torch.isfinite(out["gtd"]))
     return out
 
 

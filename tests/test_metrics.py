@@ -81,14 +81,19 @@ def test_multi_hop_rejects_one_hop():
 
 
 def test_nonfinite_rows_are_counted_not_averaged():
-    A = A_REF.clone()
-    A[1, 0] = float("nan")
-    m = _reduce(A[None, None], torch.ones(1, 3, dtype=torch.bool))
-    assert m["nonfinite"].item() == 1
-    assert m["queries"].item() == 2
-    assert math.isfinite(m["direct_entropy"].item())
-    assert m["direct_entropy"].item() == pytest.approx(
-        (reference.entropy(A_REF[0].tolist()) + reference.entropy(A_REF[2].tolist())) / 2)
+    """A NaN in one sequence's attention drops that sequence's rows (their two-hop rows are NaN too)
+    and leaves the other sequence's metrics exactly as they would be alone."""
+    rng = np.random.default_rng(5)
+    good = torch.tensor(reference.random_attention(rng, 3))
+    bad = A_REF.clone()
+    bad[1, 0] = float("nan")
+    batch = torch.stack([good, bad])[:, None]  # (2, 1, 3, 3)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    m = _reduce(batch, keep)
+    alone = _reduce(good[None, None], keep[:1])
+    assert m["nonfinite"].item() == 3 and m["queries"].item() == 3
+    for name in ("direct_entropy", "indirect_entropy", "gtd", "sink_mass", "first_mass"):
+        assert m[name].item() == pytest.approx(alone[name].item(), abs=1e-12), name
 
 
 def test_flags_thresholds():
