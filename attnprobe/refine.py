@@ -1,0 +1,430 @@
+"""refine(config) -> RefineResult: fine-tune a classifier with a SAOBP variant, with diagnostics per epoch.
+
+Reads labelled data, loads the model with the variant's attention (models.py), trains with transformers'
+Trainer (training.py holds that glue), scans the eval set before training and after every epoch
+(scan.run_batches through the model being trained), and writes ``model/``, ``history.parquet``,
+``diagnostics.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
+launch`` only the main process writes files and computes diagnostics, over the whole eval set. This
+module prints nothing except through ``print_summary``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnprobe import AttnprobeError, data, outputs
+from attnprobe.config import RefineConfig, to_dict
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+SUMMARY_COLUMNS = ("direct_entropy_norm", "indirect_entropy_norm", "gtd", "bp_shift")
+
+
+@dataclass
+class RefineResult:
+    """What a refine produced.
+
+    Attributes:
+        out_dir: the run folder.
+        history: one row per evaluation (epoch, step, train_loss, eval_loss, accuracy, f1, mcc).
+        diagnostics: the scan columns per (epoch, layer, head), with ``epoch`` and ``variant``.
+        meta: the content of run.json.
+        eval_logits: ``(N, C)`` logits of the final model on ``eval_data``, in its order.
+        eval_data: the evaluation examples used.
+        model, tokenizer: the trained model and its tokenizer.
+    """
+
+    out_dir: Path
+    history: Any  # pandas.DataFrame
+    diagnostics: Any  # pandas.DataFrame
+    meta: dict[str, Any]
+    eval_logits: Any  # numpy.ndarray
+    eval_data: data.LabeledData
+    model: Any = None
+    tokenizer: Any = None
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def _subset(d: data.LabeledData, index: list[int], stats: dict) -> data.LabeledData:
+    index = sorted(index)
+    ids = [d.label_ids[i] for i in index]
+    stats = {**stats, "rows_used": len(index),
+             "label_counts_used": {n: ids.count(k) for k, n in enumerate(d.label_names)}}
+    return data.LabeledData([d.texts[i] for i in index], None if d.pairs is None else [d.pairs[i] for i in index],
+                            ids, list(d.label_names), stats)
+
+
+def _sample(n: int, most: int | None, rng: random.Random) -> list[int]:
+    if most is None or most >= n:
+        return list(range(n))
+    if most < 1:
+        raise AttnprobeError(f"--max-train-samples/--max-eval-samples must be 1 or more (got {most})")
+    return rng.sample(range(n), most)
+
+
+def prepare_data(cfg: RefineConfig) -> tuple[data.LabeledData, data.LabeledData]:
+    """Train and eval examples: the files as read, a seeded eval split without ``--eval``, seeded samples."""
+    columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
+                   label_column=cfg.label_column, encoding=cfg.encoding)
+    train = data.read_labeled(cfg.train, **columns)
+    rng = random.Random(cfg.seed)
+    if cfg.eval is not None:
+        evaluation = data.read_labeled(cfg.eval, label_names=train.label_names, min_classes=1, **columns)
+        train_index = list(range(len(train.texts)))
+        eval_all = evaluation
+        eval_index = list(range(len(evaluation.texts)))
+        eval_stats = {**evaluation.stats, "source": "file"}
+    else:
+        n = len(train.texts)
+        n_eval = max(1, round(cfg.eval_split * n))
+        if n - n_eval < 1:
+            raise AttnprobeError(f"{cfg.train} has {n} labelled rows, too few to hold out an eval split; "
+                                 "pass more rows or a separate --eval FILE")
+        order = list(range(n))
+        rng.shuffle(order)
+        eval_index, train_index = order[:n_eval], order[n_eval:]
+        eval_all = train
+        eval_stats = {"source": f"seeded {cfg.eval_split:g} split of the training file",
+                      "path": train.stats.get("path"), "rows_read": n_eval}
+    train_index = [train_index[i] for i in _sample(len(train_index), cfg.max_train_samples, rng)]
+    eval_index = [eval_index[i] for i in _sample(len(eval_index), cfg.max_eval_samples, rng)]
+    train_stats = {**train.stats, "source": "file"}
+    return _subset(train, train_index, train_stats), _subset(eval_all, eval_index, eval_stats)
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def _saobp_settings(cfg: RefineConfig):
+    """The SaobpSettings of the variant, with ``--bp-layers`` resolved against the model's layer count."""
+    from attnprobe import models
+    from attnprobe.saobp import SaobpSettings, parse_bp_layers
+
+    path, _, _ = models.resolve_model(cfg.model)
+    config = models.load_config(path, cfg.trust_remote_code)
+    total = int(getattr(config, models._layers_attr(config)))
+    num_layers = min(cfg.num_layers or total, total)
+    try:
+        layers = parse_bp_layers(cfg.bp_layers, num_layers)
+    except ValueError as exc:
+        raise AttnprobeError(str(exc)) from None
+    variant = cfg.variant if cfg.gamma is None else "custom"
+    return SaobpSettings(gamma=cfg.effective_gamma, strength=cfg.strength, layers=layers, variant=variant)
+
+
+def _load(cfg: RefineConfig, num_labels: int, label_names: list[str]):
+    from attnprobe import models
+
+    settings = _saobp_settings(cfg)
+    try:
+        return models.load_model(
+            cfg.model, task="sequence-classification", num_labels=num_labels, label_names=label_names,
+            num_layers=cfg.num_layers, saobp=settings, device="cpu",  # the Trainer places it
+            dtype="float64" if cfg.dtype == "float64" else "float32",  # half precision trains as mixed precision
+            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+    except RuntimeError as exc:  # --bp-layers on an architecture whose attention modules have no layer index
+        if "layer index" not in str(exc):
+            raise
+        raise AttnprobeError(f"{cfg.model} cannot run --variant {cfg.variant} with --bp-layers {cfg.bp_layers}: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+
+def _resolve_device(cfg: RefineConfig) -> bool:
+    """Check --device and --dtype; return whether training runs on the CPU."""
+    import torch
+
+    from attnprobe import models
+
+    device = models.pick_device(cfg.device)
+    use_cpu = device.type == "cpu"
+    if use_cpu and cfg.dtype == "float16":
+        raise AttnprobeError("--dtype float16 (mixed precision) needs a CUDA device; "
+                             "use bfloat16 or float32 on the CPU")
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    return use_cpu
+
+
+# ---- run folder ----------------------------------------------------------------------------------
+
+
+def _out_dir(cfg: RefineConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.resume:
+        raise AttnprobeError("--resume needs --out DIR, the folder of the run to continue")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise AttnprobeError("a refine on several processes needs --out DIR so that all of them use one folder")
+    return outputs.new_run_dir("refine")
+
+
+def _check_folder(cfg: RefineConfig, out: Path) -> Path | None:
+    """Refuse an unusable run folder before any slow work; return the checkpoint to resume from, if any.
+
+    Only reads: ``_prepare_folder`` makes the changes later, on the main process.
+    """
+    from attnprobe import training
+
+    checkpoints = out / CHECKPOINTS
+    if cfg.resume:
+        last = training.newest_checkpoint(checkpoints)
+        if last is None:
+            raise AttnprobeError(f"--resume: {checkpoints} holds no finished checkpoint to continue from; "
+                                 "run without --resume to start the refine")
+        return last
+    if out.exists() and not out.is_dir():
+        raise AttnprobeError(f"output path {out} is a file; pass a folder with --out")
+    if not cfg.overwrite:
+        existing = [name for name in outputs.RUN_FILES if (out / name).exists()]
+        if existing:
+            raise AttnprobeError(f"output folder {out} already holds a run ({', '.join(existing)}); "
+                                 "pass --overwrite to replace it or choose another --out")
+        if checkpoints.exists():
+            raise AttnprobeError(f"{out} holds checkpoints of an unfinished refine; pass --resume to continue it, "
+                                 "--overwrite to start again, or choose another --out")
+    return None
+
+
+def _prepare_folder(cfg: RefineConfig, out: Path) -> None:
+    """Create the run folder (a fresh run) or mark a resumed one incomplete while it changes."""
+    if cfg.resume:
+        (out / outputs.RUN_JSON).unlink(missing_ok=True)
+        return
+    outputs.prepare_out_dir(out, "refine", cfg.overwrite)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must never be resumed
+
+
+def _check_resume(progress: dict[str, Any], settings: dict[str, Any], checkpoint: Path) -> None:
+    before = progress.get("settings", {})
+    for key, value in settings.items():
+        if key in before and before[key] != value:
+            raise AttnprobeError(f"--resume: {checkpoint} was trained with {key} = {before[key]!r}, not {value!r}; "
+                                 "pass the options of the first run")
+
+
+# ---- diagnostics ---------------------------------------------------------------------------------
+
+
+def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length: int, variant: str):
+    """A function ``(model, epoch, step) -> rows``: the scan's head table of the model on the eval set."""
+    from attnprobe import scan
+
+    def diagnose(model, epoch: float, step: int) -> list[dict[str, Any]]:
+        model = model if model is not None else loaded.model
+        was_training = model.training
+        model.eval()
+        loaded.device = next(model.parameters()).device
+        rows = list(range(len(eval_data.texts)))
+        size = scan.CHUNK_ROWS
+        chunks = [data.Chunk(eval_data.texts[i:i + size],
+                             None if eval_data.pairs is None else eval_data.pairs[i:i + size], None, rows[i:i + size])
+                  for i in range(0, len(rows), size)]
+        try:
+            probe, _ = scan.run_batches(loaded, chunks, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                        max_length=max_length, hops=cfg.hops, model=model)
+        finally:
+            model.train(was_training)
+        heads = scan.head_frame(probe.totals(), cfg.thresholds)
+        heads.insert(0, "epoch", float(epoch))
+        heads.insert(1, "step", int(step))
+        heads["variant"] = variant
+        return heads.astype(object).where(heads.notna(), None).to_dict(orient="records")
+
+    return diagnose
+
+
+def _frames(history_rows: list[dict], diag_rows: list[dict]):
+    import pandas as pd
+
+    from attnprobe import scan
+
+    history = pd.DataFrame.from_records(
+        history_rows, columns=["epoch", "step", "train_loss", "eval_loss", "accuracy", "f1", "mcc"])
+    history = history.astype({"epoch": "float64", "step": "int64", "train_loss": "float64",
+                              "eval_loss": "float64", "accuracy": "float64", "f1": "float64", "mcc": "float64"})
+    if not diag_rows:  # processes other than the main one compute no diagnostics
+        return history, pd.DataFrame(columns=["epoch", "step", "layer", "head", *scan.METRIC_COLUMNS, "variant"])
+    diagnostics = pd.DataFrame.from_records(diag_rows)
+    for name in scan.METRIC_COLUMNS:
+        diagnostics[name] = diagnostics[name].astype("float64")
+    diagnostics = diagnostics.astype({"epoch": "float64", "step": "int64", "layer": "int64", "head": "int64"})
+    return history, diagnostics.sort_values(["epoch", "layer", "head"], kind="stable", ignore_index=True)
+
+
+def _final(history) -> dict[str, float | None]:
+    last = history.iloc[-1]
+    return {k: (None if math.isnan(float(last[k])) else float(last[k]))
+            for k in ("accuracy", "f1", "mcc", "eval_loss")}
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | None = None) -> RefineResult:
+    """Fine-tune ``cfg.model`` for sequence classification with ``cfg.variant`` and write the run folder.
+
+    Args:
+        cfg: the options (``cfg.train`` is required).
+        show_progress: show the Trainer's progress bars.
+        callbacks: extra ``transformers.TrainerCallback`` objects (e.g. early stopping).
+
+    Returns:
+        RefineResult with the history, the diagnostics, run.json's content and the final eval logits.
+    """
+    import transformers
+    from accelerate import PartialState
+    from transformers import DataCollatorWithPadding, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from attnprobe import scan, training
+
+    cfg = cfg.validate()
+    started = time.time()
+    use_cpu = _resolve_device(cfg)
+    out = _out_dir(cfg)
+    resume_from = _check_folder(cfg, out)
+    train_data, eval_data = prepare_data(cfg)
+    names = train_data.label_names
+    transformers.set_seed(cfg.seed)  # the new classifier head is initialised from this
+    loaded = _load(cfg, len(names), names)
+    settings = loaded.saobp
+    refined = settings is not None
+    max_length = scan.effective_max_length(loaded, cfg.max_length)
+    tokenizer = loaded.tokenizer
+    train_set, eval_set = (training.encode_examples(tokenizer, d.texts, d.pairs, d.label_ids, max_length)
+                           for d in (train_data, eval_data))
+
+    args = training.training_arguments(cfg, out / CHECKPOINTS, use_cpu=use_cpu, show_progress=show_progress)
+    state = PartialState()  # set up by the TrainingArguments above
+    is_main = state.is_main_process
+    barrier = state.wait_for_everyone
+    run_settings = {"model": cfg.model, "variant": cfg.variant, "saobp": settings.to_json() if settings else None,
+                    "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers}
+    recorder = training.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant),
+                                      is_main=is_main, barrier=barrier, settings=run_settings)
+    if resume_from is not None:
+        progress = training.read_progress(resume_from)
+        _check_resume(progress, run_settings, resume_from)
+        recorder.restore(progress)
+    if is_main:
+        _prepare_folder(cfg, out)
+    barrier()
+    metrics_fn = training.MetricsFn(len(names))
+    trainer = Trainer(model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=metrics_fn, callbacks=[recorder, *(callbacks or [])])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
+    if show_progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(training.QuietProgress)
+
+    with training.progress_bars(show_progress):
+        if resume_from is None:
+            trainer.evaluate()  # epoch 0: history row and diagnostics before any training
+        evaluations = len(recorder.history)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        if len(recorder.history) == evaluations:  # nothing was left to train: no evaluation kept the logits
+            metrics_fn.last_logits = trainer.predict(eval_set).predictions
+        model_dir = training.save_model(trainer, tokenizer, out / MODEL_DIR, refined=refined, is_main=is_main,
+                                         barrier=barrier)
+
+    history, diagnostics = _frames(recorder.history, recorder.diagnostics if is_main else [])
+    meta = {
+        "kind": "refine",
+        "complete": False,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "variant": cfg.variant,
+        "saobp": settings.to_json() if settings else None,
+        "model": {**loaded.info, "saved_to": str(model_dir),
+                  "attn_implementation": "saobp" if refined else None},
+        "data": {"train": train_data.stats, "eval": eval_data.stats, "label_names": names,
+                 "max_length": max_length},
+        "options": to_dict(cfg),
+        "thresholds": to_dict(cfg.thresholds),
+        "final": _final(history),
+        "epochs": sorted(set(float(e) for e in history["epoch"])),
+        "steps": int(trainer.state.global_step),
+        "resumed_from": resume_from.name if resume_from is not None else None,
+        "checkpoints": str(out / CHECKPOINTS),
+        "backend": loaded.backend,
+        "device": str(args.device),
+        "processes": state.num_processes,
+        "dtype": cfg.dtype,
+        "versions": scan.versions(),
+        "seed": cfg.seed,
+    }
+    if is_main:
+        outputs.atomic_write_parquet(history, out / outputs.HISTORY)
+        outputs.atomic_write_parquet(diagnostics, out / outputs.DIAGNOSTICS)
+        meta["wall_time_s"] = round(time.time() - started, 3)
+        meta["complete"] = True
+        outputs.atomic_write_json(out / outputs.RUN_JSON, meta)
+    barrier()
+    return RefineResult(out_dir=out, history=history, diagnostics=diagnostics, meta=meta,
+                        eval_logits=metrics_fn.last_logits, eval_data=eval_data, model=trainer.model,
+                        tokenizer=tokenizer)
+
+
+# ---- summaries -----------------------------------------------------------------------------------
+
+
+def _layer_profile(diagnostics, epoch: float) -> dict[int, dict[str, float | None]]:
+    rows = diagnostics[diagnostics["epoch"] == epoch]
+    means = rows.groupby("layer", sort=True)[list(SUMMARY_COLUMNS)].mean()
+    return {int(layer): {c: (None if math.isnan(v) else float(v)) for c, v in r.items()}
+            for layer, r in means.iterrows()}
+
+
+def summary(result: RefineResult) -> dict[str, Any]:
+    """A JSON-ready summary: accuracy and per-layer entropy/GTD/bp_shift before training and at the end."""
+    history, diag = result.history, result.diagnostics
+    epochs = sorted(diag["epoch"].unique()) if len(diag) else []
+    first, last = (epochs[0], epochs[-1]) if epochs else (None, None)
+    before = _layer_profile(diag, first) if epochs else {}
+    after = _layer_profile(diag, last) if epochs else {}
+    first_eval = history.iloc[0] if len(history) else None
+    return {
+        "out_dir": str(result.out_dir),
+        "model": result.meta["model"]["name"],
+        "variant": result.meta["variant"],
+        "saobp": result.meta["saobp"],
+        "epochs": result.meta["epochs"],
+        "accuracy": {"before": None if first_eval is None else float(first_eval["accuracy"]),
+                     "after": result.meta["final"]["accuracy"]},
+        "final": result.meta["final"],
+        "layers": [{"layer": layer, "before": before.get(layer), "after": after.get(layer)}
+                   for layer in sorted(set(before) | set(after))],
+        "wall_time_s": result.meta.get("wall_time_s"),
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
+def print_summary(result: RefineResult, console) -> None:
+    """Print the summary as a rich Table (per layer, before -> after) and the accuracy line."""
+    from rich.table import Table
+
+    s = summary(result)
+    table = Table(title=f"attnprobe refine: {s['model']} ({s['variant']})")
+    for col in ("layer", "direct H norm", "indirect H norm", "GTD", "bp_shift"):
+        table.add_column(col, justify="right")
+    for row in s["layers"]:
+        b, a = row["before"] or {}, row["after"] or {}
+        cells = [f"{_fmt(b.get(c))} -> {_fmt(a.get(c))}" for c in SUMMARY_COLUMNS]
+        table.add_row(str(row["layer"]), *cells)
+    console.print(table)
+    final = s["final"]
+    console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
+                  f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
+    console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet, run.json)")

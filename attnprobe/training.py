@@ -1,0 +1,306 @@
+"""Trainer glue for refine: tokenized examples, classification scores, training arguments, the epoch recorder.
+
+Training itself is transformers' ``Trainer`` (so ``torchrun`` and ``accelerate launch`` work unchanged);
+this module only adapts attnprobe's data and bookkeeping to it. The classification scores (accuracy,
+F1, Matthews correlation) are computed here with numpy, so there is no scikit-learn dependency.
+Besides checkpoints (the Trainer's) it writes only the saved model folder (``save_model``); reading data,
+loading models and writing the run's tables and run.json are refine.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from attnprobe import outputs
+
+PROGRESS_JSON = "attnprobe-progress.json"  # epoch-level rows so far, stored inside each checkpoint folder
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---- classification scores ----------------------------------------------------------------------
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
+    """``C[t, p]`` = number of examples of true class ``t`` predicted as ``p``; ``(C, C)`` int64."""
+    labels = np.asarray(labels, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    flat = labels * num_labels + preds
+    return np.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+
+
+def f1(matrix: np.ndarray) -> float:
+    """F1 of class 1 for two classes; otherwise the macro mean over the classes that occur in the labels
+    or the predictions (as scikit-learn does). A class with no true and no predicted example scores 0.
+
+    >>> f1(np.array([[3, 1], [2, 4]]))  # TP 4, FP 1, FN 2
+    0.7272727272727273
+    """
+    tp = np.diag(matrix).astype(np.float64)
+    fp = matrix.sum(0) - tp
+    fn = matrix.sum(1) - tp
+    denom = 2 * tp + fp + fn
+    per_class = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+    if matrix.shape[0] == 2:
+        return float(per_class[1])
+    present = (matrix.sum(0) + matrix.sum(1)) > 0
+    return float(per_class[present].mean()) if present.any() else 0.0
+
+
+def matthews_corrcoef(matrix: np.ndarray) -> float:
+    """Matthews correlation (Gorodkin's multi-class form), 0 when a marginal is constant.
+
+    ``(c * s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2))`` with ``c`` correct,
+    ``s`` total, ``t_k`` true and ``p_k`` predicted counts of class k.
+
+    >>> round(matthews_corrcoef(np.array([[3, 1], [2, 4]])), 6)
+    0.408248
+    """
+    m = matrix.astype(np.float64)
+    t = m.sum(1)
+    p = m.sum(0)
+    c = np.trace(m)
+    s = m.sum()
+    cov = c * s - (p * t).sum()
+    denom = (s * s - (p * p).sum()) * (s * s - (t * t).sum())
+    return float(cov / math.sqrt(denom)) if denom > 0 else 0.0
+
+
+def classification_scores(labels, preds, num_labels: int) -> dict[str, float]:
+    """``{"accuracy", "f1", "mcc"}`` of integer predictions against integer labels."""
+    labels = np.asarray(labels, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    matrix = confusion_matrix(labels, preds, num_labels)
+    accuracy = float((labels == preds).mean()) if len(labels) else float("nan")
+    return {"accuracy": accuracy, "f1": f1(matrix), "mcc": matthews_corrcoef(matrix)}
+
+
+class MetricsFn:
+    """``compute_metrics`` for the Trainer; keeps the logits of the latest evaluation (the final model's)."""
+
+    def __init__(self, num_labels: int):
+        self.num_labels = num_labels
+        self.last_logits: np.ndarray | None = None
+
+    def __call__(self, prediction) -> dict[str, float]:
+        logits = prediction.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logits = np.asarray(logits)
+        self.last_logits = logits
+        return classification_scores(prediction.label_ids, logits.argmax(-1), self.num_labels)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+class EncodedExamples(torch.utils.data.Dataset):
+    """Tokenized examples (lists of ids, unpadded) with their label; DataCollatorWithPadding pads them."""
+
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.features[i]
+
+
+def encode_examples(tokenizer, texts: list[str], pairs: list[str] | None, label_ids: list[int],
+                    max_length: int) -> EncodedExamples:
+    """Tokenize texts (and pairs) with truncation at ``max_length``; no padding (done per batch)."""
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    features = [{**{k: enc[k][i] for k in keys}, "labels": int(label_ids[i])} for i in range(len(texts))]
+    return EncodedExamples(features)
+
+
+# ---- arguments -----------------------------------------------------------------------------------
+
+
+def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: bool):
+    """TrainingArguments for a RefineConfig: evaluate, log and save once per epoch, nothing reported."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=float(cfg.warmup_ratio),  # a float in [0, 1) is a share of all steps
+        weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",  # the logged loss is then the mean since the last evaluation
+        save_total_limit=2,  # the newest may be half-written when a run dies while saving
+        save_only_model=False,  # optimizer, scheduler and RNG states too, so --resume continues exactly
+        # the classification loss is a per-process mean; token averaging would scale it (and the eval loss)
+        # by the number of processes
+        average_tokens_across_devices=False,
+        report_to=[],
+        disable_tqdm=not show_progress,
+        use_cpu=use_cpu,
+        bf16=cfg.dtype == "bfloat16",
+        fp16=cfg.dtype == "float16",
+        dataloader_pin_memory=not use_cpu,
+        log_level="passive",  # leave transformers' verbosity as the caller set it
+        log_level_replica="error",
+    )
+
+
+@contextlib.contextmanager
+def progress_bars(show: bool):
+    """Hide transformers' own bars (e.g. "Writing model shards" at every checkpoint) unless ``show``."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bars without the log dictionaries it writes between them."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+# ---- saving --------------------------------------------------------------------------------------
+
+
+def save_model(trainer, tokenizer, target: Path, *, refined: bool, is_main: bool, barrier: Callable[[], None]) -> Path:
+    """trainer.save_model into a temporary folder (on every process, as sharded setups need), then on the
+    main process: the tokenizer, ``attn_implementation`` in config.json, and a rename to ``target``."""
+    partial = target.with_name(f".{target.name}.partial")
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    trainer.save_model(str(partial))
+    if is_main:
+        tokenizer.save_pretrained(str(partial))
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs to reload the model
+        if refined:
+            config_path = partial / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["attn_implementation"] = "saobp"  # transformers does not write _attn_implementation
+            outputs.atomic_write_json(config_path, config)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    barrier()
+    return target
+
+
+# ---- per-epoch bookkeeping -----------------------------------------------------------------------
+
+
+def _json_ready(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    clean = []
+    for row in rows:
+        out = {}
+        for k, v in row.items():
+            if isinstance(v, (np.generic,)):
+                v = v.item()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None
+            out[k] = v
+        clean.append(out)
+    return clean
+
+
+class EpochRecorder(TrainerCallback):
+    """Records one history row per evaluation and, through ``diagnose``, the diagnostics rows of the
+    model at that point; writes both into every checkpoint it sees saved, so --resume has them.
+
+    Args:
+        diagnose: ``(model, epoch, step) -> list of row dicts``, run on the main process only.
+        is_main: whether this process writes files and computes diagnostics.
+        barrier: called after diagnostics so the other processes wait for the main one.
+        settings: what the run was started with, stored with the rows to check a resume against.
+    """
+
+    def __init__(self, diagnose: Callable[[Any, float, int], list[dict]], *, is_main: bool,
+                 barrier: Callable[[], None], settings: dict[str, Any]):
+        self.diagnose = diagnose
+        self.is_main = is_main
+        self.barrier = barrier
+        self.settings = settings
+        self.history: list[dict[str, Any]] = []
+        self.diagnostics: list[dict[str, Any]] = []
+        self._pending_loss = float("nan")
+
+    def restore(self, progress: dict[str, Any]) -> None:
+        self.history = list(progress.get("history", []))
+        self.diagnostics = list(progress.get("diagnostics", []))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._pending_loss = float(logs["loss"])
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        metrics = metrics or {}
+        epoch = round(float(state.epoch or 0.0), 4)
+        step = int(state.global_step)
+        self.history.append({
+            "epoch": epoch, "step": step, "train_loss": self._pending_loss,
+            "eval_loss": float(metrics.get("eval_loss", float("nan"))),
+            "accuracy": float(metrics.get("eval_accuracy", float("nan"))),
+            "f1": float(metrics.get("eval_f1", float("nan"))),
+            "mcc": float(metrics.get("eval_mcc", float("nan"))),
+        })
+        self._pending_loss = float("nan")
+        if self.is_main:
+            self.diagnostics.extend(self.diagnose(model, epoch, step))
+        self.barrier()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.is_main:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_progress(folder, self.progress())
+
+    def progress(self) -> dict[str, Any]:
+        return {"settings": self.settings, "history": _json_ready(self.history),
+                "diagnostics": _json_ready(self.diagnostics)}
+
+
+def write_progress(folder: Path, progress: dict[str, Any]) -> None:
+    outputs.atomic_write_json(folder / PROGRESS_JSON, progress)
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / PROGRESS_JSON).read_text(encoding="utf-8"))
+
+
+def newest_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint with the most steps that finished saving (it holds the progress file), or None."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for child in checkpoints.iterdir():
+        m = _CHECKPOINT.match(child.name)
+        if m and child.is_dir() and (child / PROGRESS_JSON).is_file():
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
