@@ -19,14 +19,15 @@ class AttnprobeError(Exception):
     """A problem with the user's input or environment, reported as a short message (exit code 1)."""
 
 
+# Functions named like their modules (scan.scan, refine.refine, report.write_report) are imported from
+# the modules themselves (``from attnprobe.scan import scan``): once a submodule is imported, Python
+# binds its name on the package, so a lazy alias of the same name would flip between function and module.
 _LAZY = {
-    "scan": "attnprobe.scan",
     "ScanResult": "attnprobe.scan",
     "ScanConfig": "attnprobe.config",
     "RefineConfig": "attnprobe.config",
     "Thresholds": "attnprobe.config",
     "load_model": "attnprobe.models",
-    "refine": "attnprobe.refine",
     "write_report": "attnprobe.report",
     "saobp_probs": "attnprobe.saobp",
 }

@@ -204,7 +204,7 @@ def _quiet():
         hf_logging.enable_progress_bar()
 
 
-def _layers_attr(config) -> str:
+def layers_attr(config) -> str:
     for name in ("num_hidden_layers", "n_layers", "num_layers"):
         if hasattr(config, name):
             return name
@@ -266,12 +266,12 @@ def load_model(
     path, source, revision = resolve_model(spec)
     weights = check_weights(path, allow_pickle)
     config = load_config(path, trust_remote_code)
-    layers_attr = _layers_attr(config)
-    total = int(getattr(config, layers_attr))
+    layers_key = layers_attr(config)
+    total = int(getattr(config, layers_key))
     if num_layers is not None:
         if num_layers > total:
             raise AttnprobeError(f"--num-layers {num_layers} is more than the {total} layers {spec} has; pass 1..{total}")
-        setattr(config, layers_attr, num_layers)
+        setattr(config, layers_key, num_layers)
     if saobp is not None:
         config.saobp = saobp.to_json() if saobp.gamma > 0 else None
     settings = SaobpSettings.from_json(getattr(config, "saobp", None))
@@ -321,10 +321,15 @@ def load_model(
             f"the tokenizer of {spec} has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
             "the checkpoint's tokenizer files do not belong to its weights"
         )
-    num_layers_eff = int(getattr(model.config, layers_attr))
+    num_layers_eff = int(getattr(model.config, layers_key))
     num_heads = int(getattr(model.config, "num_attention_heads", getattr(model.config, "n_heads", 0)))
     if backend == "attnprobe":
-        calls = verify_backend(model, tokenizer, num_layers_eff)
+        calls, indexed = verify_backend(model, tokenizer, num_layers_eff)
+        if settings and settings.layers is not None and calls and not indexed:
+            raise AttnprobeError(
+                f"{spec} ({config.model_type}) shares one attention module across its layers, so SAOBP "
+                "cannot be restricted to some layers; use --bp-layers all"
+            )
         if calls == 0:
             if settings:
                 raise AttnprobeError(
@@ -378,25 +383,33 @@ class _CallRecorder:
         self.modules.append(module)
 
 
-def verify_backend(model, tokenizer, num_layers: int) -> int:
+def verify_backend(model, tokenizer, num_layers: int) -> tuple[int, bool]:
     """Run a two-word forward pass and count attention calls; tag layer indices on modules lacking one.
 
-    Returns the number of calls (0 means the model does not dispatch through the interface; transformers
-    only warns in that case). Raises if the count is neither 0 nor the number of layers.
+    Returns ``(calls, indexed)``: the number of calls (0 means the model does not dispatch through the
+    interface; transformers only warns in that case) and whether every attention module now knows its
+    layer (False for ALBERT, which calls one shared module in every layer). Raises if the count is
+    neither 0 nor the number of layers.
     """
     recorder = _CallRecorder()
     enc = tokenizer(["attention check"], return_tensors="pt").to(next(model.parameters()).device)
-    with torch.no_grad(), _probe.capturing(recorder):
-        model(**enc)
+    # Plain attention for the check: SAOBP restricted to some layers needs the layer tags set below.
+    settings, model.config.saobp = getattr(model.config, "saobp", None), None
+    try:
+        with torch.no_grad(), _probe.capturing(recorder):
+            model(**enc)
+    finally:
+        model.config.saobp = settings
     calls = len(recorder.modules)
     if calls not in (0, num_layers):
         raise AttnprobeError(f"the model made {calls} attention calls for {num_layers} layers; attnprobe cannot map them to layers")
     distinct = list(dict.fromkeys(recorder.modules))
-    if len(distinct) == calls:  # one module per layer (ALBERT shares one module and keeps no index)
-        for i, module in enumerate(distinct):
-            if getattr(module, "layer_idx", None) is None:
-                module._attnprobe_layer = i
-    return calls
+    if len(distinct) != calls:  # one module shared by several layers
+        return calls, False
+    for i, module in enumerate(distinct):
+        if getattr(module, "layer_idx", None) is None:
+            module._attnprobe_layer = i
+    return calls, True
 
 
 def special_token_ids(tokenizer) -> list[int]:

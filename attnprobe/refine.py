@@ -111,7 +111,7 @@ def _saobp_settings(cfg: RefineConfig):
 
     path, _, _ = models.resolve_model(cfg.model)
     config = models.load_config(path, cfg.trust_remote_code)
-    total = int(getattr(config, models._layers_attr(config)))
+    total = int(getattr(config, models.layers_attr(config)))
     num_layers = min(cfg.num_layers or total, total)
     try:
         layers = parse_bp_layers(cfg.bp_layers, num_layers)

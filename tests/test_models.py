@@ -115,14 +115,26 @@ def test_registration_after_plain_import():
 def test_verify_backend_counts_one_call_per_layer(tiny_models):
     for kind, folder in tiny_models.items():
         loaded = models.load_model(str(folder))
-        assert models.verify_backend(loaded.model, loaded.tokenizer, loaded.num_layers) == 2, kind
+        calls, indexed = models.verify_backend(loaded.model, loaded.tokenizer, loaded.num_layers)
+        assert calls == 2 and indexed == (kind != "albert"), kind
 
 
 def test_architecture_that_does_not_dispatch_falls_back_to_eager(tiny_bert, monkeypatch):
-    monkeypatch.setattr(models, "verify_backend", lambda *a, **k: 0)
+    monkeypatch.setattr(models, "verify_backend", lambda *a, **k: (0, False))
     loaded = models.load_model(str(tiny_bert))
     assert loaded.backend == "eager-outputs"
     from attnprobe.saobp import SaobpSettings
 
     with pytest.raises(AttnprobeError, match="SAOBP cannot be switched in"):
         models.load_model(str(tiny_bert), saobp=SaobpSettings(gamma=0.9))
+
+
+def test_restricted_bp_layers(tiny_models):
+    """DistilBERT has no layer_idx but one module per layer: restricted layers work. ALBERT shares one."""
+    from attnprobe.saobp import SaobpSettings
+
+    loaded = models.load_model(str(tiny_models["distilbert"]), saobp=SaobpSettings(gamma=0.9, layers=(1,)))
+    assert loaded.saobp.layers == (1,)
+    with pytest.raises(AttnprobeError, match="--bp-layers all"):
+        models.load_model(str(tiny_models["albert"]), saobp=SaobpSettings(gamma=0.9, layers=(1,)))
+    models.load_model(str(tiny_models["albert"]), saobp=SaobpSettings(gamma=0.9))  # every layer is fine

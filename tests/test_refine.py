@@ -94,6 +94,7 @@ def work(tmp_path_factory):
         "root": root,
         "bert": make_tiny_model("bert", root / "bert", task="sequence-classification"),
         "distilbert": make_tiny_model("distilbert", root / "distilbert", task="sequence-classification"),
+        "albert": make_tiny_model("albert", root / "albert", task="sequence-classification"),
         "train": write_rows(root / "train.tsv", 40, seed=1),
         "dev": write_rows(root / "dev.tsv", 12, seed=2),
     }
@@ -375,9 +376,11 @@ def test_error_resume_with_nothing_to_resume(work, tmp_path):
 
 
 def test_error_model_cannot_take_the_variant(work, tmp_path):
-    res = _invoke(["refine", str(work["distilbert"]), "--train", str(work["train"]), "--variant", "bp-high",
+    """ALBERT calls one shared attention module in every layer: SAOBP cannot be limited to some layers."""
+    res = _invoke(["refine", str(work["albert"]), "--train", str(work["train"]), "--variant", "bp-high",
                    "--bp-layers", "1", "--out", str(tmp_path / "o"), "--epochs", "1", "--device", "cpu"])
-    assert res.exit_code == 1 and "cannot run --variant bp-high" in res.stderr
+    assert res.exit_code == 1 and "--bp-layers all" in res.stderr, res.stderr
+    assert not (tmp_path / "o" / "run.json").exists()
 
 
 def test_library_errors_are_attnprobe_errors(work, tmp_path):
