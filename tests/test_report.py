@@ -447,6 +447,8 @@ def test_heatmaps_render_for_small_and_large_grids(shape):
 def test_report_renders_in_headless_chromium(tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI; .ci/run must install Debian's chromium")
         pytest.skip("chromium not installed; CI installs Debian's chromium (apt-get install chromium) to run this test")
     a = write_scan_run(tmp_path / "a", n_layers=6, n_heads=12)
     b = write_refine_run(tmp_path / "b", n_layers=6, n_heads=12)
