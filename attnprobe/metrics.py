@@ -74,7 +74,7 @@ def indirect_entropy(multi: torch.Tensor) -> torch.Tensor:
 
 def gtd(probs: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
     """Global Token Dependency ``gtd(i) = 1/2 sum_k |M_ik - A_ik|`` in [0, 1], ``(..., Q)``."""
-    return 0.5 * (multi - probs).abs().sum(-1)
+    return 0.5 * torch.linalg.vector_norm(multi - probs, ord=1, dim=-1)
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -153,12 +153,15 @@ def query_metrics(
     multi = multi_hop(probs, hops)
     h_dir = direct_entropy(probs)
     h_ind = indirect_entropy(multi)
+    # gtd(probs, multi), computed in place: multi is not needed after this.
+    tv = 0.5 * torch.linalg.vector_norm(multi.sub_(probs), ord=1, dim=-1)
+    del multi
     out = {
         "direct_entropy": h_dir,
         "direct_entropy_norm": h_dir / log_n,
         "indirect_entropy": h_ind,
         "indirect_entropy_norm": h_ind / log_n,
-        "gtd": gtd(probs, multi),
+        "gtd": tv,
         "self_mass": self_mass(probs),
         "local_mass": local_mass(probs),  # padded keys hold exactly 0
         "first_mass": first_mass(probs),
