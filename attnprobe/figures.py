@@ -181,16 +181,7 @@ def epoch_profiles(epoch_layers: dict[float, pd.DataFrame], title: str, bp_shift
                     color="0.35" if before else shades[min(i - 1, len(shades) - 1)],
                     linestyle="--" if before else "-",
                     label="before training (epoch 0)" if before else f"after epoch {epoch:g}")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-        if column in ("direct_entropy_norm", "indirect_entropy_norm"):
-            ax.set_ylim(0.0, 1.02)
-        else:
-            ax.set_ylim(bottom=0.0)
-        if column == "flagged_heads":
-            ax.yaxis.get_major_locator().set_params(integer=True)
-        _layer_ticks(ax, epoch_layers[epochs[-1]]["layer"].to_numpy(int))
+        _style_profile_axis(ax, column, label, epoch_layers[epochs[-1]]["layer"].to_numpy(int))
     handles = axes[0].get_legend_handles_labels()
     for ax in axes[len(panels):]:
         ax.axis("off")
@@ -241,16 +232,7 @@ def compare_layers(runs: Sequence[tuple[str, pd.DataFrame]]) -> bytes:
             ax.plot(df["layer"].to_numpy(int), _values(df, column), marker=MARKERS[i % len(MARKERS)],
                     linestyle=LINE_STYLES[i % len(LINE_STYLES)], markersize=4, color=f"C{i % 10}",
                     label=_legend_label(name))
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-        if column in ("direct_entropy_norm", "indirect_entropy_norm"):
-            ax.set_ylim(0.0, 1.02)
-        else:
-            ax.set_ylim(bottom=0.0)
-        if column == "flagged_heads":
-            ax.yaxis.get_major_locator().set_params(integer=True)
-        _layer_ticks(ax, np.arange(n_layers))
+        _style_profile_axis(ax, column, label, np.arange(n_layers))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", frameon=False, fontsize=9,
                ncols=min(len(runs), 3))
     fig.suptitle("Runs compared: per-layer means over heads", fontsize=11)
@@ -316,6 +298,20 @@ def _cmap(name: str):
     from matplotlib import colormaps
 
     return colormaps[name].with_extremes(bad="#d9d9d9")
+
+
+def _style_profile_axis(ax, column: str, label: str, layers) -> None:
+    """Title, axis labels, limits and ticks shared by every per-layer profile panel."""
+    ax.set_title(label, fontsize=10)
+    ax.set_xlabel("layer")
+    ax.grid(alpha=0.3)
+    if column in ("direct_entropy_norm", "indirect_entropy_norm"):
+        ax.set_ylim(0.0, 1.02)
+    else:
+        ax.set_ylim(bottom=0.0)
+    if column == "flagged_heads":
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    _layer_ticks(ax, layers)
 
 
 def _layer_ticks(ax: Axes, layers: np.ndarray) -> None:
