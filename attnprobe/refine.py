@@ -39,6 +39,7 @@ class RefineResult:
         eval_logits: ``(N, C)`` logits of the final model on ``eval_data``, in its order.
         eval_data: the evaluation examples used.
         model, tokenizer: the trained model and its tokenizer.
+        is_main: False on the other processes of a multi-process run, which wrote and print nothing.
     """
 
     out_dir: Path
@@ -49,6 +50,7 @@ class RefineResult:
     eval_data: data.LabeledData
     model: Any = None
     tokenizer: Any = None
+    is_main: bool = True
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -303,7 +305,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     train_set, eval_set = (training.encode_examples(tokenizer, d.texts, d.pairs, d.label_ids, max_length)
                            for d in (train_data, eval_data))
 
-    args = training.training_arguments(cfg, out / CHECKPOINTS, use_cpu=use_cpu, show_progress=show_progress)
+    args = training.training_arguments(cfg, out / CHECKPOINTS, use_cpu=use_cpu, show_progress=show_progress,
+                                       eval_on_start=resume_from is None)  # epoch 0: before any training
     state = PartialState()  # set up by the TrainingArguments above
     is_main = state.is_main_process
     barrier = state.wait_for_everyone
@@ -328,9 +331,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         trainer.add_callback(training.QuietProgress)
 
     with training.progress_bars(show_progress):
-        if resume_from is None:
-            trainer.evaluate()  # epoch 0: history row and diagnostics before any training
-        evaluations = len(recorder.history)
+        evaluations = len(recorder.history) + (resume_from is None)  # + the evaluation on start
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if len(recorder.history) == evaluations:  # nothing was left to train: no evaluation kept the logits
             metrics_fn.last_logits = trainer.predict(eval_set).predictions
@@ -371,7 +372,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     barrier()
     return RefineResult(out_dir=out, history=history, diagnostics=diagnostics, meta=meta,
                         eval_logits=metrics_fn.last_logits, eval_data=eval_data, model=trainer.model,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, is_main=is_main)
 
 
 # ---- summaries -----------------------------------------------------------------------------------
@@ -412,8 +413,11 @@ def _fmt(x: float | None) -> str:
 
 
 def print_summary(result: RefineResult, console) -> None:
-    """Print the summary as a rich Table (per layer, before -> after) and the accuracy line."""
+    """Print the summary as a rich Table (per layer, before -> after) and the accuracy line (main process only)."""
     from rich.table import Table
+
+    if not result.is_main:
+        return
 
     s = summary(result)
     table = Table(title=f"attnprobe refine: {s['model']} ({s['variant']})")

@@ -131,12 +131,18 @@ def encode_examples(tokenizer, texts: list[str], pairs: list[str] | None, label_
 # ---- arguments -----------------------------------------------------------------------------------
 
 
-def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: bool):
-    """TrainingArguments for a RefineConfig: evaluate, log and save once per epoch, nothing reported."""
+def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: bool, eval_on_start: bool = True):
+    """TrainingArguments for a RefineConfig: evaluate, log and save once per epoch, nothing reported.
+
+    ``eval_on_start`` evaluates once inside ``train()`` before the first step (the epoch-0 row). It must not be
+    a ``trainer.evaluate()`` before ``train()``: under several processes that marks the model as prepared for
+    evaluation, and ``train()`` then never wraps it in DistributedDataParallel, so gradients are not averaged.
+    """
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(checkpoints),
+        eval_on_start=eval_on_start,
         seed=cfg.seed,
         data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size,
