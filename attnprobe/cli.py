@@ -330,6 +330,8 @@ def refine(
         from attnprobe import refine as refine_mod
 
         result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        if not result.is_main:  # under torchrun / accelerate only the main process reports
+            return
         if as_json:
             typer.echo(json.dumps(refine_mod.summary(result), indent=2, default=float))
         else:
