@@ -1,0 +1,173 @@
+"""Refine training step time: SAOBP variants against baseline attention (DESIGN §5).
+
+Each variant is the bundled model loaded through ``attnprobe.models.load_model`` for sequence
+classification with its ``SaobpSettings`` (baseline: gamma 0, i.e. plain attention through attnprobe's
+attention function; bp-low: gamma 0.5; bp-high: gamma 0.9), in train mode (dropout on), with its own AdamW.
+One timed step is ``zero_grad`` + forward with labels + ``loss.backward()`` + ``optimizer.step()`` on a
+fixed-length batch (sample-corpus text, exactly L tokens, no padding); every variant sees the same batches.
+
+Timing interleaves the variants step by step: a round is one step of every variant on the same batch, back
+to back, in an order that rotates every round; there are ``--repeats`` x ``--steps`` rounds. Reported are
+the median seconds per step of each variant, the ratio of those medians, and the median over rounds of the
+per-round ratio (robust against load from other processes that changes over minutes), all from one run. This script measures; it changes nothing in the package.
+
+    OMP_NUM_THREADS=2 python bench/bench_refine.py --lengths 128 64 --batch-size 16 --steps 4 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attnprobe import data, models
+from attnprobe.saobp import GAMMAS, SaobpSettings
+
+VARIANTS = ("baseline", "bp-low", "bp-high")
+TARGET = 1.3  # bp-high step time / baseline step time should stay at or below this
+
+
+def token_stream(tokenizer) -> list[int]:
+    """Every sample-corpus text (and pair text) tokenized without special tokens, concatenated."""
+    ids: list[int] = []
+    for chunk in data.sample_source().chunks():
+        pairs = chunk.pairs or [None] * len(chunk.texts)
+        for text, pair in zip(chunk.texts, pairs):
+            for part in (text, pair):
+                if part:
+                    ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def fixed_batches(tokenizer, length: int, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``batch_size`` sequences of exactly ``length`` tokens ([CLS] text... [SEP]) with
+    seeded random 0/1 labels; each sequence is a different window of the (repeated) sample-corpus tokens."""
+    stream = token_stream(tokenizer)
+    body = length - 2
+    stride = max(1, len(stream) // max(1, count * batch_size))
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(count):
+        rows = []
+        for b in range(batch_size):
+            start = ((i * batch_size + b) * stride) % len(stream)
+            rows.append([tokenizer.cls_token_id, *(stream[(start + k) % len(stream)] for k in range(body)),
+                         tokenizer.sep_token_id])
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                        "token_type_ids": torch.zeros_like(input_ids),
+                        "labels": torch.randint(0, 2, (batch_size,), generator=gen)})
+    return batches
+
+
+def load_variant(model: str, variant: str, num_layers: int | None, seed: int):
+    torch.manual_seed(seed)  # the same classifier head for every variant
+    settings = SaobpSettings(gamma=GAMMAS[variant], variant=variant)
+    loaded = models.load_model(model, task="sequence-classification", num_labels=2, num_layers=num_layers,
+                               saobp=settings, device="cpu")
+    net = loaded.model
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=0.01)
+    return loaded, net, optimizer
+
+
+def train_step(net, optimizer, batch) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = net(**batch).loss
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def bench_length(nets: dict, tokenizer, length: int, batch_size: int, steps: int, repeats: int,
+                 seed: int) -> dict:
+    batches = fixed_batches(tokenizer, length, batch_size, steps, seed)
+    for net, optimizer in nets.values():  # warm-up: allocator, kernels, optimizer state
+        for batch in batches[:2]:
+            train_step(net, optimizer, batch)
+    per_step = {v: [] for v in nets}
+    order = list(nets)
+    rounds = 0
+    for r in range(repeats):
+        for b, batch in enumerate(batches):
+            shift = (r * len(batches) + b) % len(order)
+            for v in order[shift:] + order[:shift]:  # every variant steps once per round, order rotating
+                net, optimizer = nets[v]
+                t0 = time.perf_counter()
+                train_step(net, optimizer, batch)
+                per_step[v].append(time.perf_counter() - t0)
+            rounds += 1
+    median = {v: statistics.median(ts) for v, ts in per_step.items()}
+    # paired: the ratio within each round (the variants ran back to back), median over rounds
+    paired = {v: statistics.median(t / b for t, b in zip(per_step[v], per_step["baseline"]))
+              for v in nets if v != "baseline"}
+    base = median["baseline"]
+    return {
+        "length": length, "batch_size": batch_size, "steps": steps, "repeats": repeats,
+        "seconds_per_step": median,
+        "all_seconds_per_step": per_step,
+        "ratio_vs_baseline": {v: median[v] / base for v in median if v != "baseline"},
+        "paired_ratio_vs_baseline": paired,
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers (default: all)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 64],
+                   help="sequence lengths to time, in order (default: 128 64)")
+    p.add_argument("--length", type=int, default=None, help="time only this length (overrides --lengths)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4, help="batches (one step of each variant on each) per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    lengths = [args.length] if args.length else args.lengths
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    nets, tokenizer, info = {}, None, None
+    for v in VARIANTS:
+        loaded, net, optimizer = load_variant(args.model, v, args.num_layers, args.seed)
+        nets[v] = (net, optimizer)
+        tokenizer, info = loaded.tokenizer, loaded.info
+        assert loaded.backend == "attnprobe", loaded.backend
+    print(f"model {args.model}: {info['layers']} layers, {info['heads']} heads, hidden {info['hidden_size']}; "
+          f"torch {torch.__version__}, {threads} threads; batch {args.batch_size}, {args.steps} steps x "
+          f"{args.repeats} repeats per variant, interleaved", flush=True)
+
+    load_start = os.getloadavg()
+    started = time.time()
+    results = []
+    for length in lengths:
+        r = bench_length(nets, tokenizer, length, args.batch_size, args.steps, args.repeats, args.seed)
+        results.append(r)
+        s = r["seconds_per_step"]
+        print(f"L={length:4d}  " + "  ".join(f"{v} {s[v]:.3f} s/step" for v in VARIANTS), flush=True)
+        for v, ratio in r["ratio_vs_baseline"].items():
+            note = f"  (target <= {TARGET})" if v == "bp-high" else ""
+            print(f"         {v} / baseline = {ratio:.3f} (ratio of medians), "
+                  f"{r['paired_ratio_vs_baseline'][v]:.3f} (median of paired per-round ratios){note}", flush=True)
+    wall = time.time() - started
+    if args.json_out:
+        out = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+               "model": info, "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
+               "machine": platform.machine(), "load_average_start": load_start, "wall_time_s": round(wall, 2),
+               "results": results}
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    return 0  # a measurement, not a test: it reports the ratio and never fails on it
+
+
+if __name__ == "__main__":
+    sys.exit(main())
