@@ -164,7 +164,10 @@ def pieces(p: torch.Tensor, keep: torch.Tensor, special: torch.Tensor) -> dict:
     soft = torch.softmax(scores, -1)
     return {
         "multi_hop A@A": (lambda: metrics.multi_hop(p, 2), None),
-        "entropy via xlogy (called twice)": (lambda: metrics.entropy(p), lambda: -torch.special.entr(p).sum(-1)),
+        "entropy via xlogy (called twice)": (lambda: metrics.entropy(p), lambda: torch.special.entr(p).sum(-1)),
+        "entropy: xlogy vs -(p * log(clamp(p)))": (
+            lambda: metrics.entropy(p), lambda: -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1)),
+        "torch.log(p) alone (vectorized; reference)": (lambda: p.log(), None),
         "entropy of softmax(S): xlogy vs from S": (
             lambda: metrics.entropy(soft), lambda: torch.logsumexp(scores, -1) - (soft * scores).sum(-1)),
         "gtd": (lambda: metrics.gtd(p, multi), None),
