@@ -170,6 +170,7 @@ def attention_forward(
         if settings.applies_to(_layer_of(module)):
             plain = probs
             probs = saobp_probs(scores, settings.gamma, settings.strength, probs=plain)
+    del scores  # frees one layer's (B, H, Q, K) logits before the probe's temporaries
     active = _probe.active_probe()
     if active is not None:
         active.observe(module, probs.detach(), None if plain is None else plain.detach())
