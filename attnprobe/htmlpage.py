@@ -32,6 +32,8 @@ MAX_VALUE_CHARS = 400
 
 STYLE = """
 * { box-sizing: border-box; }
+details > summary { cursor: pointer; }
+summary h3 { display: inline; }
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0;
        color: #1d1d1f; background: #fafafa; line-height: 1.45; }
 main { max-width: 1240px; margin: 0 auto; padding: 1.5rem 2rem 3rem; }
@@ -105,8 +107,6 @@ def _run_section(run: Run, plots: Sequence[Plot]) -> str:
         f'<section id="run-{esc(run.name)}"><h2>{esc(run.label)}</h2>',
         f'<p class="path">{esc(run.kind)} run in <code>{esc(str(run.path))}</code>; model '
         f"<code>{esc(run.model_name)}</code>, {n_layers} layers x {n_heads} heads.</p>",
-        "<h3>Run metadata</h3>",
-        _meta_table(run.meta),
         "<h3>Summary per layer</h3>",
     ]
     if run.kind == "refine" and run.epoch_layers:
@@ -122,6 +122,8 @@ def _run_section(run: Run, plots: Sequence[Plot]) -> str:
         parts.append("<p>No head is flagged.</p>")
     else:
         parts.append(table(run.flagged, css="flagged"))
+    # The full run.json is long: folded (plain HTML, no script), after the results.
+    parts.append(f"<details><summary><h3>Run metadata</h3></summary>{_meta_table(run.meta)}</details>")
     parts.append("</section>")
     return "\n".join(parts)
 
