@@ -19,8 +19,9 @@ from attnprobe import metrics
 
 _ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprobe_probe", default=None)
 
-# Extra elements (float32) one head chunk may occupy; bounds the probe's temporaries to a few of these.
-CHUNK_ELEMENTS = 1 << 23
+# Elements (1 MiB of float32) in one block of (sequences, heads) the metrics are computed on at a time: the
+# temporaries stay cache-sized and below the allocator's mmap threshold (measured faster than larger blocks).
+CHUNK_ELEMENTS = 1 << 18
 
 SUM_KEYS = (*metrics.QUERY_METRICS, "bp_shift")
 COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight")
@@ -102,15 +103,23 @@ class Probe:
         special = self._special.to(probs.device) if self._special is not None else None
         if plain is not None:
             self.refined_layers.add(layer)
-        step = max(1, min(H, CHUNK_ELEMENTS // max(1, B * Q * K)))
-        parts: list[dict[str, torch.Tensor]] = []
-        for h0 in range(0, H, step):
-            p = probs[:, h0:h0 + step].to(self.metric_dtype)
-            pl = plain[:, h0:h0 + step].to(self.metric_dtype) if plain is not None else None
-            values = metrics.query_metrics(p, keep, special, self.hops, plain=pl)
-            parts.append({k: v.cpu() for k, v in metrics.query_sums(values, keep).items()})
-            del values, p, pl
-        sums = {k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]}  # each (B, H)
+        # Blocks of heads, and of sequences when one head of the whole batch is already too large, so the
+        # temporaries stay small (cache-sized, below the allocator's mmap threshold).
+        h_step = max(1, min(H, CHUNK_ELEMENTS // max(1, B * Q * K)))
+        b_step = B if B * Q * K <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // max(1, Q * K))
+        rows: list[dict[str, torch.Tensor]] = []
+        for b0 in range(0, B, b_step):
+            kb = keep[b0:b0 + b_step]
+            sb = special[b0:b0 + b_step] if special is not None else None
+            parts: list[dict[str, torch.Tensor]] = []
+            for h0 in range(0, H, h_step):
+                p = probs[b0:b0 + b_step, h0:h0 + h_step].to(self.metric_dtype)
+                pl = plain[b0:b0 + b_step, h0:h0 + h_step].to(self.metric_dtype) if plain is not None else None
+                values = metrics.query_metrics(p, kb, sb, self.hops, plain=pl)
+                parts.append({k: v.cpu() for k, v in metrics.query_sums(values, kb).items()})
+                del values, p, pl
+            rows.append({k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]})
+        sums = {k: torch.cat([row[k] for row in rows], dim=0) for k in rows[0]}  # each (B, H)
         if "bp_shift" not in sums:
             sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))
         self._batch.append(sums)
