@@ -62,7 +62,7 @@ def layer_profile(diagnostics, epoch: float) -> dict[str, list]:
         "direct_entropy_norm": [float(x) for x in g["direct_entropy_norm"].mean()],
         "indirect_entropy_norm": [float(x) for x in g["indirect_entropy_norm"].mean()],
         "gtd": [float(x) for x in g["gtd"].mean()],
-        "bp_shift": [None if (x != x) else float(x) for x in g["bp_shift"].mean()],
+        "bp_shift": [None if math.isnan(x) else float(x) for x in g["bp_shift"].mean()],
     }
     if "collapsed" in rows.columns:
         out["collapsed_heads"] = [int(x) for x in g["collapsed"].sum()]
@@ -169,9 +169,9 @@ def summarize(path: Path, markdown: bool = True) -> str:
     order_task = {t: i for i, t in enumerate(TASKS)}
     order_var = {v: i for i, v in enumerate(VARIANTS)}
     keys = sorted(cells, key=lambda k: (order_task.get(k[0], 9), k[1], order_var.get(k[2], 9)))
-    lines = ["| task | layers | variant | seeds | accuracy (mean ± std) | Δ acc vs baseline | MCC (mean) "
-             "| Δ MCC | last-layer H_dir norm: epoch 0 → final | Δ H vs baseline | last-layer GTD: epoch 0 → final "
-             "| Δ GTD vs baseline | min-layer H_dir norm (final) | collapsed heads (final, all layers) | wall s/run |",
+    lines = [("| task | layers | variant | seeds | accuracy (mean ± std) | Δ acc vs baseline | MCC (mean) "
+              "| Δ MCC | last-layer H_dir norm: epoch 0 → final | Δ H vs baseline | last-layer GTD: epoch 0 → final "
+              "| Δ GTD vs baseline | min-layer H_dir norm (final) | collapsed heads (final, all layers) | wall s/run |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in keys:
         rs = cells[k]
