@@ -27,23 +27,12 @@ from pathlib import Path
 
 import torch
 
-from attnprobe import data, models
+from attnprobe import models
 from attnprobe.saobp import GAMMAS, SaobpSettings
+from bench_scan import token_stream  # the same fixed-length token source as the scan benchmark
 
 VARIANTS = ("baseline", "bp-low", "bp-high")
 TARGET = 1.3  # bp-high step time / baseline step time should stay at or below this
-
-
-def token_stream(tokenizer) -> list[int]:
-    """Every sample-corpus text (and pair text) tokenized without special tokens, concatenated."""
-    ids: list[int] = []
-    for chunk in data.sample_source().chunks():
-        pairs = chunk.pairs or [None] * len(chunk.texts)
-        for text, pair in zip(chunk.texts, pairs):
-            for part in (text, pair):
-                if part:
-                    ids += tokenizer(part, add_special_tokens=False)["input_ids"]
-    return ids
 
 
 def fixed_batches(tokenizer, length: int, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
