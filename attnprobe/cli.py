@@ -308,6 +308,8 @@ def refine(
     device: Device = None,
     dtype: Dtype = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out from its last checkpoint.")] = None,
+    checkpoints: Annotated[Optional[bool], typer.Option("--checkpoints/--no-checkpoints", help="Save a checkpoint every epoch so --resume works (default: on).")] = None,
+    group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="Batch training rows of similar length to pad less (default: off).")] = None,
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
@@ -325,17 +327,17 @@ def refine(
             "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_train_samples": max_train_samples,
             "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
-            "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
         })
-        from attnprobe import refine as refine_mod
+        from attnprobe import refine as refine_mod, summaries
 
         result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
         if not result.is_main:  # under torchrun / accelerate only the main process reports
             return
         if as_json:
-            typer.echo(json.dumps(refine_mod.summary(result), indent=2, default=float))
+            typer.echo(json.dumps(summaries.summary(result), indent=2, default=float))
         else:
-            refine_mod.print_summary(result, _console())
+            summaries.print_summary(result, _console())
 
 
 @app.command()

@@ -115,6 +115,8 @@ class RefineConfig:
     device: str = "auto"
     dtype: str = "float32"
     resume: bool = False
+    checkpoints: bool = True
+    group_by_length: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False

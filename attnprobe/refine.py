@@ -5,7 +5,7 @@ Trainer (training.py holds that glue), scans the eval set before training and af
 (scan.run_batches through the model being trained), and writes ``model/``, ``history.parquet``,
 ``diagnostics.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
 launch`` only the main process writes files and computes diagnostics, over the whole eval set. This
-module prints nothing except through ``print_summary``.
+module prints nothing; summaries.py turns a RefineResult into the closing table.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from attnprobe.config import RefineConfig, to_dict
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
-SUMMARY_COLUMNS = ("direct_entropy_norm", "indirect_entropy_norm", "gtd", "bp_shift")
 
 
 @dataclass
@@ -337,6 +336,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
             metrics_fn.last_logits = trainer.predict(eval_set).predictions
         model_dir = training.save_model(trainer, tokenizer, out / MODEL_DIR, refined=refined, is_main=is_main,
                                          barrier=barrier)
+    if not cfg.checkpoints and is_main:  # nothing to resume from: keep no (stale) checkpoints
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
     history, diagnostics = _frames(recorder.history, recorder.diagnostics if is_main else [])
     meta = {
@@ -355,7 +356,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         "epochs": sorted(set(float(e) for e in history["epoch"])),
         "steps": int(trainer.state.global_step),
         "resumed_from": resume_from.name if resume_from is not None else None,
-        "checkpoints": str(out / CHECKPOINTS),
+        "checkpoints": str(out / CHECKPOINTS) if cfg.checkpoints else None,
         "backend": loaded.backend,
         "device": str(args.device),
         "processes": state.num_processes,
@@ -373,62 +374,3 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     return RefineResult(out_dir=out, history=history, diagnostics=diagnostics, meta=meta,
                         eval_logits=metrics_fn.last_logits, eval_data=eval_data, model=trainer.model,
                         tokenizer=tokenizer, is_main=is_main)
-
-
-# ---- summaries -----------------------------------------------------------------------------------
-
-
-def _layer_profile(diagnostics, epoch: float) -> dict[int, dict[str, float | None]]:
-    rows = diagnostics[diagnostics["epoch"] == epoch]
-    means = rows.groupby("layer", sort=True)[list(SUMMARY_COLUMNS)].mean()
-    return {int(layer): {c: (None if math.isnan(v) else float(v)) for c, v in r.items()}
-            for layer, r in means.iterrows()}
-
-
-def summary(result: RefineResult) -> dict[str, Any]:
-    """A JSON-ready summary: accuracy and per-layer entropy/GTD/bp_shift before training and at the end."""
-    history, diag = result.history, result.diagnostics
-    epochs = sorted(diag["epoch"].unique()) if len(diag) else []
-    first, last = (epochs[0], epochs[-1]) if epochs else (None, None)
-    before = _layer_profile(diag, first) if epochs else {}
-    after = _layer_profile(diag, last) if epochs else {}
-    first_eval = history.iloc[0] if len(history) else None
-    return {
-        "out_dir": str(result.out_dir),
-        "model": result.meta["model"]["name"],
-        "variant": result.meta["variant"],
-        "saobp": result.meta["saobp"],
-        "epochs": result.meta["epochs"],
-        "accuracy": {"before": None if first_eval is None else float(first_eval["accuracy"]),
-                     "after": result.meta["final"]["accuracy"]},
-        "final": result.meta["final"],
-        "layers": [{"layer": layer, "before": before.get(layer), "after": after.get(layer)}
-                   for layer in sorted(set(before) | set(after))],
-        "wall_time_s": result.meta.get("wall_time_s"),
-    }
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:.3f}"
-
-
-def print_summary(result: RefineResult, console) -> None:
-    """Print the summary as a rich Table (per layer, before -> after) and the accuracy line (main process only)."""
-    from rich.table import Table
-
-    if not result.is_main:
-        return
-
-    s = summary(result)
-    table = Table(title=f"attnprobe refine: {s['model']} ({s['variant']})")
-    for col in ("layer", "direct H norm", "indirect H norm", "GTD", "bp_shift"):
-        table.add_column(col, justify="right")
-    for row in s["layers"]:
-        b, a = row["before"] or {}, row["after"] or {}
-        cells = [f"{_fmt(b.get(c))} -> {_fmt(a.get(c))}" for c in SUMMARY_COLUMNS]
-        table.add_row(str(row["layer"]), *cells)
-    console.print(table)
-    final = s["final"]
-    console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
-                  f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
-    console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet, run.json)")

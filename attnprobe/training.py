@@ -132,7 +132,8 @@ def encode_examples(tokenizer, texts: list[str], pairs: list[str] | None, label_
 
 
 def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: bool, eval_on_start: bool = True):
-    """TrainingArguments for a RefineConfig: evaluate, log and save once per epoch, nothing reported.
+    """TrainingArguments for a RefineConfig: evaluate, log and save (unless ``--no-checkpoints``) once per
+    epoch, nothing reported.
 
     ``eval_on_start`` evaluates once inside ``train()`` before the first step (the epoch-0 row). It must not be
     a ``trainer.evaluate()`` before ``train()``: under several processes that marks the model as prepared for
@@ -153,7 +154,9 @@ def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: 
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs,
         eval_strategy="epoch",
-        save_strategy="epoch",
+        save_strategy="epoch" if cfg.checkpoints else "no",
+        # batches of similar lengths pad less; the order stays seeded
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         logging_strategy="epoch",  # the logged loss is then the mean since the last evaluation
         save_total_limit=2,  # the newest may be half-written when a run dies while saving
         save_only_model=False,  # optimizer, scheduler and RNG states too, so --resume continues exactly

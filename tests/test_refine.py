@@ -223,7 +223,7 @@ def test_scan_of_the_saved_model(library_runs, variant, has_shift, tmp_path):
 def test_summary_and_print_summary(library_runs):
     from rich.console import Console
 
-    from attnprobe.refine import print_summary, summary
+    from attnprobe.summaries import print_summary, summary
 
     result = library_runs["bp-high"]
     s = summary(result)
@@ -333,6 +333,54 @@ def test_resume_matches_an_uninterrupted_run(work, library_runs):
     changed = _invoke(["refine", str(work["bert"]), "--train", str(work["train"]), "--eval", str(work["dev"]),
                        "--variant", "bp-low", "--out", str(out), *CLI_OPTIONS, "--resume"])
     assert changed.exit_code == 1 and "was trained with" in changed.stderr
+
+
+# ---- --no-checkpoints and --group-by-length -------------------------------------------------------
+
+
+class _KeepLoader(TrainerCallback):
+    """Keeps the training DataLoader so a test can look at the batches it makes."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.loader = train_dataloader
+
+
+def _padded_tokens(loader) -> tuple[int, int]:
+    """(tokens in the padded batches, real tokens) over one pass of a training DataLoader."""
+    padded = real = 0
+    for batch in loader:
+        mask = batch["attention_mask"]
+        padded += mask.numel()
+        real += int(mask.sum())
+    return padded, real
+
+
+def test_no_checkpoints_and_group_by_length(work, tmp_path):
+    from attnprobe.refine import refine
+
+    rng = random.Random(3)  # lengths from 1 to 24 words, so random batches pad a lot
+    rows = [f"{' '.join(rng.choice(FILLER) for _ in range(rng.randint(1, 24)))} {'good' if i % 2 else 'bad'}\t{i % 2}"
+            for i in range(48)]
+    train = tmp_path / "varied.tsv"
+    train.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    runs = {}
+    for grouped in (False, True):
+        keep = _KeepLoader()
+        cfg = RefineConfig(model=str(work["bert"]), train=str(train), eval=str(work["dev"]),
+                           out=str(tmp_path / f"grouped-{grouped}"), variant="bp-high",
+                           **{**TRAIN_OPTIONS, "epochs": 1.0}, checkpoints=False, group_by_length=grouped)
+        runs[grouped] = (refine(cfg, callbacks=[keep]), _padded_tokens(keep.loader))
+    (plain, (pad_plain, real_plain)), (grouped, (pad_grouped, real_grouped)) = runs[False], runs[True]
+    assert real_plain == real_grouped  # the same rows, in other batches
+    assert pad_grouped - real_grouped < 0.5 * (pad_plain - real_plain), (pad_grouped, pad_plain, real_plain)
+    for result in (plain, grouped):
+        out = result.out_dir
+        assert not (out / "checkpoints").exists() and result.meta["checkpoints"] is None
+        assert result.meta["complete"] and (out / "model" / "model.safetensors").is_file()
+        assert result.history["epoch"].tolist() == [0.0, 1.0]
+    assert grouped.meta["options"]["group_by_length"] is True
+    message = _refine_error(work, "--train", str(train), "--out", str(grouped.out_dir), "--resume")
+    assert "no finished checkpoint" in message
 
 
 # ---- errors --------------------------------------------------------------------------------------
