@@ -4,8 +4,9 @@ Reads labelled data, loads the model with the variant's attention (models.py), t
 Trainer (training.py holds that glue), scans the eval set before training and after every epoch
 (scan.run_batches through the model being trained), and writes ``model/``, ``history.parquet``,
 ``diagnostics.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
-launch`` only the main process writes files and computes diagnostics, over the whole eval set. This
-module prints nothing; summaries.py turns a RefineResult into the closing table.
+launch`` each process scans its share of the eval set for the diagnostics (sums all-reduced) and only
+the main process writes files. This module prints nothing; summaries.py turns a RefineResult into the
+closing table.
 """
 
 from __future__ import annotations
@@ -216,8 +217,12 @@ def _check_resume(progress: dict[str, Any], settings: dict[str, Any], checkpoint
 
 
 def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length: int, variant: str):
-    """A function ``(model, epoch, step) -> rows``: the scan's head table of the model on the eval set."""
-    from attnprobe import scan
+    """A function ``(model, epoch, step) -> rows``: the scan's head table of the model on the eval set.
+
+    Under several processes every process calls it and scans its share of the rows; the sums are
+    all-reduced (as in a distributed scan), so every process gets the table of the whole eval set.
+    """
+    from attnprobe import parallel, scan
 
     def diagnose(model, epoch: float, step: int) -> list[dict[str, Any]]:
         model = model if model is not None else loaded.model
@@ -231,7 +236,8 @@ def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length
                   for i in range(0, len(rows), size)]
         try:
             probe, _ = scan.run_batches(loaded, chunks, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                        max_length=max_length, hops=cfg.hops, model=model)
+                                        max_length=max_length, hops=cfg.hops, model=model,
+                                        world=parallel.current_world(cfg.device))
         finally:
             model.train(was_training)
         heads = scan.head_frame(probe.totals(), cfg.thresholds)

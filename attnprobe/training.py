@@ -244,9 +244,10 @@ class EpochRecorder(TrainerCallback):
     model at that point; writes both into every checkpoint it sees saved, so --resume has them.
 
     Args:
-        diagnose: ``(model, epoch, step) -> list of row dicts``, run on the main process only.
-        is_main: whether this process writes files and computes diagnostics.
-        barrier: called after diagnostics so the other processes wait for the main one.
+        diagnose: ``(model, epoch, step) -> list of row dicts``, run on every process (each scans its
+            share of the eval set and the sums are all-reduced).
+        is_main: whether this process keeps the rows and writes files.
+        barrier: called after diagnostics so no process runs ahead.
         settings: what the run was started with, stored with the rows to check a resume against.
     """
 
@@ -280,8 +281,9 @@ class EpochRecorder(TrainerCallback):
             "mcc": float(metrics.get("eval_mcc", float("nan"))),
         })
         self._pending_loss = float("nan")
+        rows = self.diagnose(model, epoch, step)  # a collective: every process takes part
         if self.is_main:
-            self.diagnostics.extend(self.diagnose(model, epoch, step))
+            self.diagnostics.extend(rows)
         self.barrier()
 
     def on_save(self, args, state, control, **kwargs):

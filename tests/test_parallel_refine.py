@@ -130,7 +130,7 @@ def _compare(one: Path, two: Path) -> None:
 
     d1, d2 = (pd.read_parquet(d / outputs.DIAGNOSTICS) for d in (one, two))
     assert list(d2.columns) == list(d1.columns) and len(d2) == len(d1) == 3 * 2 * 4  # epochs x layers x heads
-    # computed on the main process over the whole eval set, not its share of it
+    # each process scans its share of the eval set; the all-reduced sums cover all of it
     assert d2["queries"].tolist() == d1["queries"].tolist()
     before = d1["epoch"] == 0.0
     num = [c for c in d1.select_dtypes("number").columns if c not in ("epoch", "step", "layer", "head")]
