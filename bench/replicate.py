@@ -5,7 +5,7 @@ bundled MiniLM (``minilm-l6``, truncated with ``num_layers``), trained on GLUE t
 on the official dev sets. Each finished run appends one JSON line to ``--results`` (accuracy, F1, MCC,
 per-layer diagnostics before training and after the last epoch, wall time), so partial progress survives
 and ``--resume-results`` skips what is already there. Run folders go under ``--runs-dir`` (default in
-/tmp); their ``model/`` and ``checkpoints/`` are deleted after each run unless ``--keep-runs``.
+/tmp); their ``model/`` is deleted after each run and no ``checkpoints/`` are saved, unless ``--keep-runs``.
 
 Within a seed every variant and size sees the same training subsample and the same classifier-head
 initialisation (both come from the seed), so the variants are compared on paired runs.
@@ -82,7 +82,8 @@ def run_one(task: str, layers: int, variant: str, seed: int, args) -> dict:
         model=args.model, train=str(args.glue / train), eval=str(args.glue / dev), out=str(out),
         variant=variant, num_layers=layers, epochs=epochs, lr=args.lr, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, max_length=max_length or default_len, seed=seed,
-        max_train_samples=max_train, device="cpu", overwrite=True)
+        max_train_samples=max_train, device="cpu", overwrite=True, group_by_length=args.group_by_length,
+        checkpoints=args.keep_runs)  # saving optimizer state every epoch only costs time here
     t0 = time.time()
     result = refine(cfg)
     wall = time.time() - t0
@@ -107,6 +108,7 @@ def run_one(task: str, layers: int, variant: str, seed: int, args) -> dict:
         "eval_rows": result.meta["data"]["eval"].get("rows_used"),
         "max_length": result.meta["data"]["max_length"], "epochs": epochs, "lr": args.lr,
         "batch_size": args.batch_size, "steps": result.meta["steps"],
+        "group_by_length": args.group_by_length,
         "wall_time_s": round(wall, 2), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         "load_average_end": os.getloadavg()[0], "run_dir": str(out),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--group-by-length", action="store_true",
+                   help="length-grouped training batches (another batch order: use a separate --results file)")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(Path(args.summarize)))
