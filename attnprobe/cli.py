@@ -327,7 +327,8 @@ def refine(
             "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_train_samples": max_train_samples,
             "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
-            "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
+            "trust_remote_code": trust_remote_code, "overwrite": overwrite,
         })
         from attnprobe import refine as refine_mod, summaries
 

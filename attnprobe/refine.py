@@ -318,7 +318,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     run_settings = {"model": cfg.model, "variant": cfg.variant, "saobp": settings.to_json() if settings else None,
                     "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers}
     recorder = training.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant),
-                                      is_main=is_main, barrier=barrier, settings=run_settings)
+                                      is_main=is_main, settings=run_settings)
     if resume_from is not None:
         progress = training.read_progress(resume_from)
         _check_resume(progress, run_settings, resume_from)

@@ -247,15 +247,13 @@ class EpochRecorder(TrainerCallback):
         diagnose: ``(model, epoch, step) -> list of row dicts``, run on every process (each scans its
             share of the eval set and the sums are all-reduced).
         is_main: whether this process keeps the rows and writes files.
-        barrier: called after diagnostics so no process runs ahead.
         settings: what the run was started with, stored with the rows to check a resume against.
     """
 
     def __init__(self, diagnose: Callable[[Any, float, int], list[dict]], *, is_main: bool,
-                 barrier: Callable[[], None], settings: dict[str, Any]):
+                 settings: dict[str, Any]):
         self.diagnose = diagnose
         self.is_main = is_main
-        self.barrier = barrier
         self.settings = settings
         self.history: list[dict[str, Any]] = []
         self.diagnostics: list[dict[str, Any]] = []
@@ -281,10 +279,9 @@ class EpochRecorder(TrainerCallback):
             "mcc": float(metrics.get("eval_mcc", float("nan"))),
         })
         self._pending_loss = float("nan")
-        rows = self.diagnose(model, epoch, step)  # a collective: every process takes part
+        rows = self.diagnose(model, epoch, step)  # a collective (all-reduce): every process takes part
         if self.is_main:
             self.diagnostics.extend(rows)
-        self.barrier()
 
     def on_save(self, args, state, control, **kwargs):
         if self.is_main:
