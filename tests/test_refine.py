@@ -383,6 +383,17 @@ def test_no_checkpoints_and_group_by_length(work, tmp_path):
     assert "no finished checkpoint" in message
 
 
+def test_cli_no_checkpoints_and_group_by_length_flags(work, tmp_path):
+    out = tmp_path / "flags"
+    res = _invoke(["refine", str(work["bert"]), "--train", str(work["train"]), "--eval", str(work["dev"]),
+                   "--variant", "baseline", "--out", str(out), *CLI_OPTIONS, "--epochs", "1",
+                   "--no-checkpoints", "--group-by-length", "--json"])
+    assert res.exit_code == 0, res.output
+    options = json.loads((out / outputs.RUN_JSON).read_text())["options"]
+    assert options["checkpoints"] is False and options["group_by_length"] is True
+    assert not (out / "checkpoints").exists()
+
+
 # ---- errors --------------------------------------------------------------------------------------
 
 
