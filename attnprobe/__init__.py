@@ -19,11 +19,13 @@ class AttnprobeError(Exception):
     """A problem with the user's input or environment, reported as a short message (exit code 1)."""
 
 
-# Functions named like their modules (scan.scan, refine.refine, report.write_report) are imported from
-# the modules themselves (``from attnprobe.scan import scan``): once a submodule is imported, Python
-# binds its name on the package, so a lazy alias of the same name would flip between function and module.
+# No public name here is also the name of a submodule: once a submodule is imported, Python binds its
+# name on the package, so a lazy alias of the same name would flip between function and module. That is
+# why the scan machinery lives in ``attnprobe.scanner`` and ``attnprobe.scan`` is a function
+# (``attnprobe.api.scan``). refine.refine and report.write_report are imported from their modules.
 _LAZY = {
-    "ScanResult": "attnprobe.scan",
+    "scan": "attnprobe.api",
+    "ScanResult": "attnprobe.scanner",
     "ScanConfig": "attnprobe.config",
     "RefineConfig": "attnprobe.config",
     "Thresholds": "attnprobe.config",

@@ -1,6 +1,6 @@
 """The ``attnprobe`` command line: parse options, build a config, call the library, print.
 
-No logic lives here beyond that: every command is a thin shell over attnprobe.scan, attnprobe.refine
+No logic lives here beyond that: every command is a thin shell over attnprobe.scanner, attnprobe.refine
 and attnprobe.report. Heavy modules are imported inside the commands so ``--help`` and ``--version``
 stay fast.
 """
@@ -59,7 +59,7 @@ def _fail(message: str, code: int = 1) -> None:
 @contextlib.contextmanager
 def _errors():
     """Turn AttnprobeError (and unexpected errors, unless --debug) into a short message and exit 1."""
-    from attnprobe.scan import Interrupted
+    from attnprobe.scanner import Interrupted
 
     try:
         yield
@@ -199,7 +199,7 @@ def scan(
         })
         from attnprobe import data as data_mod
         from attnprobe import models, parallel
-        from attnprobe import scan as scan_mod
+        from attnprobe import scanner as scan_mod
 
         if cfg.out:  # refuse an occupied folder before the slow model load
             _check_free(Path(cfg.out), cfg.overwrite)

@@ -68,6 +68,7 @@ class ScanConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
+    tokenizer: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> ScanConfig:
@@ -120,6 +121,7 @@ class RefineConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
+    tokenizer: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> RefineConfig:

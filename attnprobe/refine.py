@@ -2,7 +2,7 @@
 
 Reads labelled data, loads the model with the variant's attention (models.py), trains with transformers'
 Trainer (training.py holds that glue), scans the eval set before training and after every epoch
-(scan.run_batches through the model being trained), and writes ``model/``, ``history.parquet``,
+(scanner.run_batches through the model being trained), and writes ``model/``, ``history.parquet``,
 ``diagnostics.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
 launch`` each process scans its share of the eval set for the diagnostics (sums all-reduced) and only
 the main process writes files. This module prints nothing; summaries.py turns a RefineResult into the
@@ -222,7 +222,7 @@ def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length
     Under several processes every process calls it and scans its share of the rows; the sums are
     all-reduced (as in a distributed scan), so every process gets the table of the whole eval set.
     """
-    from attnprobe import parallel, scan
+    from attnprobe import parallel, scanner
 
     def diagnose(model, epoch: float, step: int) -> list[dict[str, Any]]:
         model = model if model is not None else loaded.model
@@ -230,17 +230,17 @@ def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length
         model.eval()
         loaded.device = next(model.parameters()).device
         rows = list(range(len(eval_data.texts)))
-        size = scan.CHUNK_ROWS
+        size = scanner.CHUNK_ROWS
         chunks = [data.Chunk(eval_data.texts[i:i + size],
                              None if eval_data.pairs is None else eval_data.pairs[i:i + size], None, rows[i:i + size])
                   for i in range(0, len(rows), size)]
         try:
-            probe, _ = scan.run_batches(loaded, chunks, batch_size=cfg.eval_batch_size or cfg.batch_size,
+            probe, _ = scanner.run_batches(loaded, chunks, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                         max_length=max_length, hops=cfg.hops, model=model,
                                         world=parallel.current_world(cfg.device))
         finally:
             model.train(was_training)
-        heads = scan.head_frame(probe.totals(), cfg.thresholds)
+        heads = scanner.head_frame(probe.totals(), cfg.thresholds)
         heads.insert(0, "epoch", float(epoch))
         heads.insert(1, "step", int(step))
         heads["variant"] = variant
@@ -252,16 +252,16 @@ def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length
 def _frames(history_rows: list[dict], diag_rows: list[dict]):
     import pandas as pd
 
-    from attnprobe import scan
+    from attnprobe import scanner
 
     history = pd.DataFrame.from_records(
         history_rows, columns=["epoch", "step", "train_loss", "eval_loss", "accuracy", "f1", "mcc"])
     history = history.astype({"epoch": "float64", "step": "int64", "train_loss": "float64",
                               "eval_loss": "float64", "accuracy": "float64", "f1": "float64", "mcc": "float64"})
     if not diag_rows:  # processes other than the main one compute no diagnostics
-        return history, pd.DataFrame(columns=["epoch", "step", "layer", "head", *scan.METRIC_COLUMNS, "variant"])
+        return history, pd.DataFrame(columns=["epoch", "step", "layer", "head", *scanner.METRIC_COLUMNS, "variant"])
     diagnostics = pd.DataFrame.from_records(diag_rows)
-    for name in scan.METRIC_COLUMNS:
+    for name in scanner.METRIC_COLUMNS:
         diagnostics[name] = diagnostics[name].astype("float64")
     diagnostics = diagnostics.astype({"epoch": "float64", "step": "int64", "layer": "int64", "head": "int64"})
     return history, diagnostics.sort_values(["epoch", "layer", "head"], kind="stable", ignore_index=True)
@@ -292,7 +292,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     from transformers import DataCollatorWithPadding, Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from attnprobe import scan, training
+    from attnprobe import scanner, training
 
     cfg = cfg.validate()
     started = time.time()
@@ -305,7 +305,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     loaded = _load(cfg, len(names), names)
     settings = loaded.saobp
     refined = settings is not None
-    max_length = scan.effective_max_length(loaded, cfg.max_length)
+    max_length = scanner.effective_max_length(loaded, cfg.max_length)
     tokenizer = loaded.tokenizer
     train_set, eval_set = (training.encode_examples(tokenizer, d.texts, d.pairs, d.label_ids, max_length)
                            for d in (train_data, eval_data))
@@ -367,7 +367,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         "device": str(args.device),
         "processes": state.num_processes,
         "dtype": cfg.dtype,
-        "versions": scan.versions(),
+        "versions": scanner.versions(),
         "seed": cfg.seed,
     }
     if is_main:

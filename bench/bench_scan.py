@@ -4,7 +4,7 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 ``torch.no_grad()``:
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
-    scan               ``attnprobe.scan.forward_batch``: the forward with the streaming metrics
+    scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics
     naive              eager forward with ``output_attentions=True``, then python loops over examples and
                        heads computing the same metrics on each ``(n, n)`` matrix with plain torch ops
     output_attentions  eager forward with ``output_attentions=True`` only (the memory reference)
@@ -12,7 +12,7 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 Timing interleaves the modes (their order rotates every repeat) and reports the median seconds per batch;
 the ratios come from those medians, all measured in one run. Peak memory runs each mode once in a fresh
 subprocess of this script (``--memory-mode``), before the parent loads any model. ``--sst2`` also times a
-real ``attnprobe.scan.scan`` over a GLUE file. This script measures; it changes nothing in the package.
+real ``attnprobe.scanner.scan`` over a GLUE file. This script measures; it changes nothing in the package.
 
     python bench/bench_scan.py --lengths 128 --batches 3 --repeats 3
 """
@@ -37,7 +37,7 @@ import torch
 from attnprobe import data, models
 from attnprobe.config import ScanConfig
 from attnprobe.probe import Probe, means
-from attnprobe.scan import CHUNK_ROWS, effective_max_length, encode_chunk, forward_batch, make_batches, scan, versions
+from attnprobe.scanner import CHUNK_ROWS, effective_max_length, encode_chunk, forward_batch, make_batches, scan, versions
 
 MODES = ("eager", "scan", "naive", "output_attentions")
 NAIVE_METRICS = ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",

@@ -32,7 +32,7 @@ from bench_scan import fixed_batches, load_runner, package_state, special_of  # 
 
 from attnprobe import metrics  # noqa: E402
 from attnprobe import probe as probe_mod  # noqa: E402
-from attnprobe.scan import forward_batch, versions  # noqa: E402
+from attnprobe.scanner import forward_batch, versions  # noqa: E402
 
 
 class TimedProbe(probe_mod.Probe):

@@ -14,7 +14,7 @@ import torch
 
 from attnprobe import models
 from attnprobe.config import ScanConfig
-from attnprobe.scan import scan
+from attnprobe.scanner import scan
 
 
 def _texts(n=37):
@@ -47,7 +47,7 @@ def test_scan_on_two_processes_equals_one(tiny_bert, tmp_path):
 
 
 def test_out_of_memory_halves_the_batch_and_says_so_once(tiny_bert, monkeypatch):
-    from attnprobe import scan as scan_mod
+    from attnprobe import scanner as scan_mod
 
     loaded = models.load_model(str(tiny_bert))
     expected = scan(ScanConfig(model=str(tiny_bert), text=tuple(_texts(9)), batch_size=8), loaded=loaded)

@@ -270,7 +270,7 @@ def _attention(loaded, text="the film was good but the plot was thin"):
 def test_tiny_bert_with_saobp_differs_from_baseline_and_reports_bp_shift(tiny_bert):
     from attnprobe import models
     from attnprobe.config import ScanConfig
-    from attnprobe.scan import scan
+    from attnprobe.scanner import scan
 
     base = models.load_model(str(tiny_bert))
     refined = models.load_model(str(tiny_bert), saobp=SaobpSettings(gamma=0.9))
@@ -296,7 +296,7 @@ def test_tiny_bert_with_saobp_differs_from_baseline_and_reports_bp_shift(tiny_be
 def test_tiny_bert_bp_layers_refines_only_those_layers(tiny_bert):
     from attnprobe import models
     from attnprobe.config import ScanConfig
-    from attnprobe.scan import scan
+    from attnprobe.scanner import scan
 
     loaded = models.load_model(str(tiny_bert), saobp=SaobpSettings(gamma=0.5, layers=(1,), variant="bp-low"))
     calls, _ = _attention(loaded)

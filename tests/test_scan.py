@@ -10,7 +10,7 @@ import torch
 from attnprobe import Thresholds, models
 from attnprobe import probe as probe_mod
 from attnprobe.config import ScanConfig
-from attnprobe.scan import scan
+from attnprobe.scanner import scan
 from tests import reference
 
 TEXTS = [
@@ -191,7 +191,7 @@ def test_memory_does_not_stack_layers(tiny_bert, monkeypatch):
 
 def test_nonfinite_attention_is_flagged_not_averaged(tiny_bert, tmp_path):
     """Overflowing scores (as in half precision) give NaN attention: counted, flagged, left out of means."""
-    from attnprobe.scan import write_scan
+    from attnprobe.scanner import write_scan
 
     loaded = models.load_model(str(tiny_bert))
     attn = loaded.model.encoder.layer[1].attention.self
