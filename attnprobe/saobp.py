@@ -223,9 +223,15 @@ def attention_forward(
         if settings.applies_to(_layer_of(module)):
             plain = probs
             probs = saobp_probs(scores, settings.gamma, settings.strength, probs=plain)
-    del scores  # frees one layer's (B, H, Q, K) logits before the probe's temporaries
     active = _probe.active_probe()
-    if active is not None:
+    # Unrefined attention under attnprobe's probe: its logits give the direct entropy without a log over
+    # (Q, K). Otherwise one layer's (B, H, Q, K) logits are freed before the probe's temporaries.
+    logits = scores.detach() if plain is None and isinstance(active, _probe.Probe) else None
+    del scores
+    if logits is not None:
+        active.observe(module, probs.detach(), None, scores=logits)
+    elif active is not None:
         active.observe(module, probs.detach(), None if plain is None else plain.detach())
+    del logits
     attn_output = torch.matmul(nn.functional.dropout(probs, p=dropout, training=module.training), value)
     return attn_output.transpose(1, 2).contiguous(), probs
