@@ -132,7 +132,7 @@ def _load(cfg: RefineConfig, num_labels: int, label_names: list[str]):
             cfg.model, task="sequence-classification", num_labels=num_labels, label_names=label_names,
             num_layers=cfg.num_layers, saobp=settings, device="cpu",  # the Trainer places it
             dtype="float64" if cfg.dtype == "float64" else "float32",  # half precision trains as mixed precision
-            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
     except RuntimeError as exc:  # --bp-layers on an architecture whose attention modules have no layer index
         if "layer index" not in str(exc):
             raise
@@ -199,9 +199,10 @@ def _check_folder(cfg: RefineConfig, out: Path) -> Path | None:
 def _prepare_folder(cfg: RefineConfig, out: Path) -> None:
     """Create the run folder (a fresh run) or mark a resumed one incomplete while it changes."""
     if cfg.resume:
+        outputs.lock(out)  # one writer per folder; freed when the process ends
         (out / outputs.RUN_JSON).unlink(missing_ok=True)
         return
-    outputs.prepare_out_dir(out, "refine", cfg.overwrite)
+    outputs.prepare_out_dir(out, "refine", cfg.overwrite)  # takes the folder's lock until the process ends
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must never be resumed
 
 
