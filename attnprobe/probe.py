@@ -19,9 +19,11 @@ from attnprobe import metrics
 
 _ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprobe_probe", default=None)
 
-# Elements (1 MiB of float32) in one block of (sequences, heads) the metrics are computed on at a time: the
-# temporaries stay cache-sized and below the allocator's mmap threshold (measured faster than larger blocks).
-CHUNK_ELEMENTS = 1 << 18
+# Elements (4 MiB of float32) in one block of sequences or heads the metrics are computed on at a time. The
+# block's two scratch buffers are reused, so the size trades cache locality against the number of operations
+# per layer: each large operation is one parallel region, and on a shared machine every region can wait for a
+# descheduled thread. 4 MiB measured faster than 1 MiB there (docs/benchmarks.md).
+CHUNK_ELEMENTS = 1 << 20
 # On an accelerator, blocks of 64 MiB: each operation is one kernel launch, so fewer, larger blocks.
 DEVICE_CHUNK_ELEMENTS = 1 << 24
 
