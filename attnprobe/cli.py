@@ -312,7 +312,7 @@ def refine(
     model: ModelArg = None,
     train: Annotated[Optional[Path], typer.Option("--train", metavar="FILE", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", metavar="FILE", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: bp-high).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: the checkpoint's own SAOBP settings, else bp-high).")] = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Override the variant's gamma = 1 - exp(J), in [0, 1).")] = None,
@@ -342,9 +342,15 @@ def refine(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="With --init: the tokenizer (and so the vocabulary) to use instead of MODEL's.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
-    """Fine-tune MODEL for sequence classification with SAOBP attention; diagnostics before and after."""
+    """Fine-tune MODEL (sequence classification, or masked-LM pretraining) with SAOBP attention; diagnostics
+    before and after."""
     with _errors():
         from attnprobe.config import RefineConfig, build_config
 
@@ -358,6 +364,7 @@ def refine(
             "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
             "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
         })
         from attnprobe import refine as refine_mod, summaries
 
