@@ -456,8 +456,9 @@ def verify_backend(model, tokenizer, num_layers: int) -> tuple[int, bool]:
             model(**enc)
     except Exception as exc:
         raise AttnprobeError(
-            f"{encoders.arch_name(model)} does not run on text alone ({_short(exc)[:160]}); "
-            "attnprobe feeds token ids and an attention mask only"
+            f"{encoders.arch_name(model)} fails on a plain-text check sentence ({_short(exc)[:160]}); attnprobe "
+            "feeds token ids and an attention mask only (models that need more inputs, such as layout boxes, "
+            "are not supported)"
         ) from None
     finally:
         model.config.saobp = settings

@@ -135,7 +135,7 @@ def _load(cfg: RefineConfig, num_labels: int, label_names: list[str], spec: str)
             spec, task=cfg.task, num_labels=num_labels, label_names=label_names,
             num_layers=cfg.num_layers, saobp=settings, device="cpu",  # the Trainer places it
             dtype="float64" if cfg.dtype == "float64" else "float32",  # half precision trains as mixed precision
-            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
     except RuntimeError as exc:  # --bp-layers on an architecture whose attention modules have no layer index
         if "layer index" not in str(exc):
             raise

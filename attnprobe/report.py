@@ -67,12 +67,20 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         out_dir = paths[0] / "report"
     else:
         out_dir = outputs.new_run_dir("compare")
+    created = not out_dir.exists()
     _make_out_dir(out_dir)
     result = ReportResult(out_dir=out_dir, notes=notes)
-    if fmt in ("png", "both"):
-        result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
-    if page is not None:
-        result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    try:
+        if fmt in ("png", "both"):
+            result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
+        if page is not None:
+            result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    except BaseException:
+        if created:  # a failed report leaves no folder behind
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return result
 
 
