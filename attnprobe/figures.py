@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attnprobe.report import Plot, Run
+from attnprobe.reporttypes import Plot, Run
 
 if TYPE_CHECKING:
     import pandas as pd

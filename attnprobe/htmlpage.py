@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-    from attnprobe.report import Plot, Run
+    from attnprobe.reporttypes import Plot, Run
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 META_ORDER = ("kind", "variant", "model", "data", "options", "thresholds", "final", "attnprobe_version")

@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from attnprobe import AttnprobeError  # noqa: E402
+from attnprobe import encoders  # noqa: E402
 from attnprobe import probe as _probe  # noqa: E402
 from attnprobe.saobp import SaobpSettings, attention_forward  # noqa: E402
 
@@ -34,14 +35,7 @@ ATTN_NAMES = ("attnprobe", "saobp")
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5")
 
-# Model types attnprobe reads: bidirectional Transformer encoders.
-ENCODER_TYPES = frozenset({
-    "albert", "bert", "big_bird", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2",
-    "distilbert", "electra", "ernie", "esm", "flaubert", "funnel", "ibert", "layoutlm", "longformer",
-    "luke", "megatron-bert", "mobilebert", "modernbert", "mpnet", "mra", "nezha", "nystromformer",
-    "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "squeezebert", "xlm",
-    "xlm-roberta", "xlm-roberta-xl", "xmod", "yoso",
-})
+DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 @dataclass(frozen=True)
@@ -79,6 +73,8 @@ class LoadedModel:
     num_heads: int
     saobp: SaobpSettings | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    padding: str = "right"  # "none": attention changes with padding, batches hold one length only
+    recover: str | None = None  # "softmax": output_attentions are pre-softmax scores (encoders.py)
 
 
 _REGISTERED = False
@@ -219,21 +215,26 @@ def load_config(path: Path, trust_remote_code: bool = False):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AttnprobeError(f"{path}/config.json is not valid JSON ({exc}); re-save the checkpoint") from None
     model_type = raw.get("model_type")
-    if model_type not in ENCODER_TYPES and not trust_remote_code:
-        raise AttnprobeError(
-            f"model type {model_type!r} in {path} is not a Transformer encoder attnprobe can read; "
-            f"use a BERT-style encoder (e.g. {', '.join(sorted(ENCODER_TYPES)[:6])}, ...)"
-        )
     archs = raw.get("architectures") or []
-    if raw.get("is_decoder") or raw.get("is_encoder_decoder") or any(
-        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
-    ):
-        raise AttnprobeError(f"{path} is a decoder or encoder-decoder checkpoint ({archs}); attnprobe reads encoders")
+    if raw.get("is_decoder") or raw.get("is_encoder_decoder") or any(a.endswith(DECODER_SUFFIXES) for a in archs) \
+            or _is_decoder_type(model_type):
+        raise AttnprobeError(
+            f"{path} holds a decoder or encoder-decoder ({model_type}, {', '.join(archs) or 'no architectures'}), "
+            "not a Transformer encoder; attnprobe reads encoders such as BERT, RoBERTa or DeBERTa"
+        )
     try:
         with _quiet():
             return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise AttnprobeError(f"cannot read the config of {path}: {exc}") from None
+
+
+def _is_decoder_type(model_type: str | None) -> bool:
+    """A model type transformers knows as a causal LM and not as a masked LM (GPT-2, Llama, ...)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def load_model(
@@ -248,6 +249,7 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     saobp: SaobpSettings | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     """Load MODEL (alias, folder or cached hub id) offline, running attnprobe's attention function.
 
@@ -256,6 +258,7 @@ def load_model(
         num_layers: keep only the first N layers.
         task: ``base`` (AutoModel), ``sequence-classification`` or ``masked-lm`` (AutoModelForMaskedLM).
         saobp: SAOBP settings to switch in (None keeps what the checkpoint's config says, if anything).
+        tokenizer: a tokenizer folder, alias or cached hub id to use instead of the checkpoint's own.
 
     Returns:
         LoadedModel in eval mode on the chosen device.
@@ -271,7 +274,10 @@ def load_model(
     if num_layers is not None:
         if num_layers > total:
             raise AttnprobeError(f"--num-layers {num_layers} is more than the {total} layers {spec} has; pass 1..{total}")
-        setattr(config, layers_key, num_layers)
+        try:
+            setattr(config, layers_key, num_layers)
+        except (NotImplementedError, AttributeError):
+            raise AttnprobeError(f"--num-layers does not work for {config.model_type} models; leave it out") from None
     if saobp is not None:
         config.saobp = saobp.to_json() if saobp.gamma > 0 else None
     settings = SaobpSettings.from_json(getattr(config, "saobp", None))
@@ -288,13 +294,13 @@ def load_model(
         auto = AutoModel
     torch_device = pick_device(device)
     torch_dtype = DTYPES[dtype]
+    tok = load_tokenizer(resolve_tokenizer(tokenizer) if tokenizer else path, trust_remote_code,
+                         vocab=getattr(config, "vocab_size", None), given=tokenizer)
+    load = dict(config=config, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True)
     try:
         with _quiet():
-            model = auto.from_pretrained(
-                path, config=config, attn_implementation="saobp" if settings else "attnprobe",
-                dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True,
-            )
+            model = auto.from_pretrained(path, attn_implementation="saobp" if settings else "attnprobe", **load)
     except AttnprobeError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
@@ -310,23 +316,16 @@ def load_model(
     if model is None:  # the architecture does not accept a custom attention implementation
         if settings:
             raise AttnprobeError(f"{spec} ({config.model_type}) cannot switch its attention implementation, so it cannot run SAOBP")
-        with _quiet():
-            model = auto.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch_dtype,
-                                         local_files_only=True, trust_remote_code=trust_remote_code,
-                                         use_safetensors=None if allow_pickle else True)
+        try:
+            with _quiet():
+                model = auto.from_pretrained(path, attn_implementation="eager", **load)
+        except Exception as exc:
+            raise AttnprobeError(f"cannot load the weights in {path}: {_short(exc)}") from None
         backend = "eager-outputs"
     model.to(torch_device).eval()
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise AttnprobeError(
-            f"the tokenizer of {spec} has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
-            "the checkpoint's tokenizer files do not belong to its weights"
-        )
     num_layers_eff = int(getattr(model.config, layers_key))
-    num_heads = int(getattr(model.config, "num_attention_heads", getattr(model.config, "n_heads", 0)))
     if backend == "attnprobe":
-        calls, indexed = verify_backend(model, tokenizer, num_layers_eff)
+        calls, indexed = verify_backend(model, tok, num_layers_eff)
         if settings and settings.layers is not None and calls and not indexed:
             raise AttnprobeError(
                 f"{spec} ({config.model_type}) shares one attention module across its layers, so SAOBP "
@@ -340,6 +339,13 @@ def load_model(
                 )
             model.set_attn_implementation("eager")
             backend = "eager-outputs"
+    with _quiet():
+        capability = encoders.inspect(model, tok, backend)
+    if backend == "attnprobe" and capability.num_layers != num_layers_eff:
+        raise AttnprobeError(f"the model made {capability.num_layers} attention calls for {num_layers_eff} layers; "
+                             "attnprobe cannot map them to layers")
+    num_layers_eff, num_heads = capability.num_layers, capability.num_heads
+    tokenizer_source = str(resolve_tokenizer(tokenizer)) if tokenizer else None
     info = {
         "name": spec,
         "path": str(path),
@@ -352,12 +358,17 @@ def load_model(
         "layers": num_layers_eff,
         "layers_in_checkpoint": total,
         "heads": num_heads,
+        "heads_in_config": getattr(model.config, "num_attention_heads", getattr(model.config, "n_heads", None)),
+        "tokenizer": tokenizer_source,
+        "padding": capability.padding,
+        "attention_read_as": "softmax of output_attentions" if capability.recover else None,
         "hidden_size": getattr(model.config, "hidden_size", getattr(model.config, "dim", None)),
         "max_positions": getattr(model.config, "max_position_embeddings", None),
         "saobp": settings.to_json() if settings else None,
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, backend=backend, num_layers=num_layers_eff,
-                       num_heads=num_heads, saobp=settings, device=torch_device)
+    return LoadedModel(model=model, tokenizer=tok, info=info, backend=backend, num_layers=num_layers_eff,
+                       num_heads=num_heads, saobp=settings, device=torch_device, padding=capability.padding,
+                       recover=capability.recover)
 
 
 def _short(exc: Exception) -> str:
@@ -365,14 +376,57 @@ def _short(exc: Exception) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
+def resolve_tokenizer(spec: str) -> Path:
+    """``--tokenizer``: an alias, a folder with tokenizer files, or a hub id in the local cache."""
+    if spec in ALIASES:
+        return alias_path(ALIASES[spec])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise AttnprobeError(f"--tokenizer {spec} is a file; pass the folder that holds it (saved with save_pretrained())")
+    if _HUB_ID.match(spec) and not spec.startswith(("/", ".", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception:
+            pass
+    raise AttnprobeError(
+        f"--tokenizer {spec} is neither a folder, an alias (`attnprobe models`) nor a model in the local "
+        "Hugging Face cache; pass a folder saved with save_pretrained()"
+    )
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False, vocab: int | None = None, given: str | None = None):
+    """Load the tokenizer in ``path``; refuse one with no vocabulary or with ids the model does not have.
+
+    transformers 5 builds a tokenizer of special tokens only from a folder without tokenizer files, so
+    every word would become [UNK]: that counts as missing.
+    """
     from transformers import AutoTokenizer
 
+    fix = "pass --tokenizer PATH_OR_ALIAS with the tokenizer the model was trained with"
+    where = f"--tokenizer {given}" if given else f"the model folder {path}"
     try:
         with _quiet():
-            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise AttnprobeError(f"cannot load the tokenizer in {path}: {_short(exc)}; the folder needs tokenizer files") from None
+        raise AttnprobeError(f"cannot load the tokenizer of {where}: {_short(exc)}; {fix}") from None
+    if isinstance(tokenizer, bool) or not callable(tokenizer):
+        raise AttnprobeError(f"{where} has no tokenizer; {fix}")
+    words = len(tokenizer) - len(set(getattr(tokenizer, "all_special_ids", []) or []))
+    if words <= 0:
+        raise AttnprobeError(
+            f"{where} has no tokenizer files (tokenizer.json, vocab.txt, ...): only {len(tokenizer)} special "
+            f"tokens, so every word would be [UNK]; {fix}"
+        )
+    if vocab is not None and len(tokenizer) > vocab:
+        raise AttnprobeError(
+            f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
+            f"the tokenizer does not belong to the weights; {fix}"
+        )
+    return tokenizer
 
 
 class _CallRecorder:
@@ -400,6 +454,11 @@ def verify_backend(model, tokenizer, num_layers: int) -> tuple[int, bool]:
     try:
         with torch.no_grad(), _probe.capturing(recorder):
             model(**enc)
+    except Exception as exc:
+        raise AttnprobeError(
+            f"{encoders.arch_name(model)} does not run on text alone ({_short(exc)[:160]}); "
+            "attnprobe feeds token ids and an attention mask only"
+        ) from None
     finally:
         model.config.saobp = settings
     calls = len(recorder.modules)

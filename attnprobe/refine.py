@@ -1,11 +1,12 @@
 """refine(config) -> RefineResult: fine-tune a classifier with a SAOBP variant, with diagnostics per epoch.
 
 Reads labelled data, loads the model with the variant's attention (models.py), trains with transformers'
-Trainer (training.py holds that glue), scans the eval set before training and after every epoch
-(scanner.run_batches through the model being trained), and writes ``model/``, ``history.parquet``,
+Trainer (training.py holds that glue), takes the diagnostics of the eval set before training and after
+every epoch from the Trainer's own evaluation forward passes (evalprobe.py; a separate scanner.run_batches
+scan where the evaluation cannot carry the probe), and writes ``model/``, ``history.parquet``,
 ``diagnostics.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
-launch`` each process scans its share of the eval set for the diagnostics (sums all-reduced) and only
-the main process writes files. This module prints nothing; summaries.py turns a RefineResult into the
+launch`` each process probes its share of the eval set (sums combined over processes) and only the main
+process writes files. This module prints nothing; summaries.py turns a RefineResult into the
 closing table.
 """
 
@@ -161,15 +162,29 @@ def _resolve_device(cfg: RefineConfig) -> bool:
 # ---- diagnostics ---------------------------------------------------------------------------------
 
 
-def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length: int, variant: str):
+def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length: int, variant: str,
+              captured=None):
     """A function ``(model, epoch, step) -> rows``: the scan's head table of the model on the eval set.
 
-    Under several processes every process calls it and scans its share of the rows; the sums are
-    all-reduced (as in a distributed scan), so every process gets the table of the whole eval set.
+    Called at an evaluation, it takes the sums that ``captured`` (an evalprobe.EvalProbe) gathered in the
+    Trainer's own evaluation forward passes, so the eval set is read once. Elsewhere (or without
+    ``captured``) it scans the eval set: under several processes every process calls it and scans its share
+    of the rows; the sums are all-reduced (as in a distributed scan), so every process gets the table of
+    the whole eval set.
     """
     from attnprobe import parallel, scanner
 
     def diagnose(model, epoch: float, step: int) -> list[dict[str, Any]]:
+        totals = captured.take() if captured is not None else None
+        if totals is None:
+            totals = scan(model)
+        heads = scanner.head_frame(totals, cfg.thresholds)
+        heads.insert(0, "epoch", float(epoch))
+        heads.insert(1, "step", int(step))
+        heads["variant"] = variant
+        return heads.astype(object).where(heads.notna(), None).to_dict(orient="records")
+
+    def scan(model):
         model = model if model is not None else loaded.model
         was_training = model.training
         model.eval()
@@ -185,11 +200,7 @@ def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length
                                         world=parallel.current_world(cfg.device))
         finally:
             model.train(was_training)
-        heads = scanner.head_frame(probe.totals(), cfg.thresholds)
-        heads.insert(0, "epoch", float(epoch))
-        heads.insert(1, "step", int(step))
-        heads["variant"] = variant
-        return heads.astype(object).where(heads.notna(), None).to_dict(orient="records")
+        return probe.totals()
 
     return diagnose
 
@@ -233,10 +244,10 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     """
     import transformers
     from accelerate import PartialState
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from attnprobe import scanner, training
+    from attnprobe import evalprobe, scanner, training
 
     from attnprobe import lineage
 
@@ -275,7 +286,11 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     barrier = state.wait_for_everyone
     run_settings = {"model": cfg.model, "variant": cfg.variant, "saobp": settings.to_json() if settings else None,
                     "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers, "task": cfg.task}
-    recorder = training.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant),
+    # Masked-LM evaluation batches carry [MASK]ed text, so their diagnostics come from a separate scan of
+    # the unmasked eval documents; classification takes them from the Trainer's own evaluation pass.
+    probing = not masked_lm and evalprobe.supported(loaded, args)
+    eval_probe = evalprobe.EvalProbe.for_model(loaded, cfg.hops) if probing else None
+    recorder = training.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant, eval_probe),
                                       is_main=is_main, settings=run_settings)
     if resume_from is not None:
         progress = training.read_progress(resume_from)
@@ -284,10 +299,12 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     if is_main:
         prepare_folder(cfg, out)
     barrier()
-    trainer = Trainer(model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      processing_class=tokenizer, data_collator=collator, compute_metrics=metrics_fn,
-                      preprocess_logits_for_metrics=mlm.token_nll if masked_lm else None,
-                      callbacks=[recorder, timer := training.StepTimer(), *(callbacks or [])])
+    trainer = evalprobe.ProbingTrainer(
+        model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+        data_collator=collator, compute_metrics=metrics_fn,
+        preprocess_logits_for_metrics=mlm.token_nll if masked_lm else None,
+        callbacks=[recorder, timer := training.StepTimer(), *(callbacks or [])],
+        eval_probe=eval_probe)  # diagnostics from the eval pass where it can carry the probe
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
     if show_progress:
         trainer.remove_callback(ProgressCallback)
@@ -328,6 +345,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         "resumed_from": resume_from.name if resume_from is not None else None,
         "checkpoints": str(out / CHECKPOINTS) if cfg.checkpoints else None,
         "backend": loaded.backend,
+        "diagnostics_from": "evaluation" if eval_probe is not None else "scan",  # the eval pass, or a second one
         "device": str(args.device),
         "processes": state.num_processes,
         "dtype": cfg.dtype,

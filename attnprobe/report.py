@@ -11,91 +11,19 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnprobe import AttnprobeError, __version__, outputs
 from attnprobe.config import ReportConfig, Thresholds
+from attnprobe.reporttypes import (  # noqa: F401  (re-exported: the report's data types live there)
+    FLAGS, METRICS, REQUIRED_HEAD_COLUMNS, REQUIRED_HISTORY_COLUMNS, REQUIRED_LAYER_COLUMNS, Plot,
+    ReportResult, Run, flag_reasons, run_thresholds)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 HTML_NAME = "report.html"
-METRICS = (
-    "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
-    "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift",
-)
-FLAGS = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "collapsed", "nonfinite_flag")
-# The columns a report cannot be drawn without; the others are used where present.
-REQUIRED_HEAD_COLUMNS = ("layer", "head", "direct_entropy_norm", "indirect_entropy_norm", "gtd")
-REQUIRED_LAYER_COLUMNS = ("layer", "direct_entropy_norm", "indirect_entropy_norm", "gtd")
-REQUIRED_HISTORY_COLUMNS = ("epoch",)
-
-
-@dataclass
-class ReportResult:
-    """What ``write_report`` wrote: the folder, the HTML page (None for ``fmt="png"``), the PNGs, notes."""
-
-    out_dir: Path
-    html: Path | None = None
-    pngs: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Run:
-    """One loaded run folder. ``heads`` of a refine run is its last epoch of diagnostics.parquet."""
-
-    path: Path
-    name: str  # file-name safe ([A-Za-z0-9._-]) and unique within one report
-    meta: dict[str, Any]
-    heads: pd.DataFrame  # one row per (layer, head), with a boolean ``flagged`` column added
-    layers: pd.DataFrame  # one row per layer: metric means, ``heads``, ``flagged_heads``
-    flagged: pd.DataFrame  # the flagged heads: layer, head, a few values, reasons
-    history: pd.DataFrame | None = None  # refine only
-    epoch_layers: dict[float, pd.DataFrame] = field(default_factory=dict)  # refine only: epoch -> layers
-
-    @property
-    def kind(self) -> str:
-        return str(self.meta.get("kind", "scan"))
-
-    @property
-    def variant(self) -> str | None:
-        variant = self.meta.get("variant")
-        return None if variant is None else str(variant)
-
-    @property
-    def label(self) -> str:
-        """The run's name in legends and tables: folder name plus variant for refine runs."""
-        return f"{self.name} ({self.variant})" if self.variant else self.name
-
-    @property
-    def model_name(self) -> str:
-        model = self.meta.get("model")
-        if isinstance(model, dict):
-            return str(model.get("name") or model.get("path") or "?")
-        return str(model or "?")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(layers, heads) of the per-head grid."""
-        return int(self.heads["layer"].max()) + 1, int(self.heads["head"].max()) + 1
-
-    @property
-    def thresholds(self) -> Thresholds:
-        return run_thresholds(self.meta)
-
-
-@dataclass
-class Plot:
-    """One rendered figure: its PNG file name, title and caption, and the run it belongs to (None: all)."""
-
-    file: str
-    title: str
-    caption: str
-    png: bytes
-    run: str | None = None
 
 
 def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt: str = "both") -> ReportResult:
@@ -245,27 +173,6 @@ def flagged_table(heads: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def flag_reasons(rec: dict[str, Any], t: Thresholds) -> list[str]:
-    """Why one head (a heads.parquet row as a dict) is flagged, in words with its value and threshold."""
-    reasons = []
-    h = rec.get("direct_entropy_norm")
-    if rec.get("entropy_collapse"):
-        reasons.append(f"entropy collapse (normalized direct entropy {_num(h)} < {t.entropy_collapse:g})")
-    if rec.get("low_gtd"):
-        reasons.append(f"low GTD ({_num(rec.get('gtd'))} < {t.low_gtd:g})")
-    if rec.get("high_gtd"):
-        reasons.append(f"high GTD ({_num(rec.get('gtd'))} > {t.high_gtd:g})")
-    if rec.get("sink"):
-        reasons.append(f"sink (sink mass {_num(rec.get('sink_mass'))} > {t.sink:g})")
-    if rec.get("diffuse"):
-        reasons.append(f"diffuse (normalized direct entropy {_num(h)} > {t.diffuse:g})")
-    if rec.get("collapsed") and not (rec.get("entropy_collapse") or rec.get("low_gtd")):
-        reasons.append("collapsed")
-    if rec.get("nonfinite_flag"):
-        reasons.append(f"non-finite attention ({rec.get('nonfinite', '?')} rows with NaN/Inf)")
-    return reasons
-
-
 def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per run: model, variant, task, final accuracy or perplexity (refine), mean GTD and entropy,
     flagged heads."""
@@ -295,18 +202,6 @@ def run_notes(run: Run) -> list[str]:
         n = int(run.heads["nonfinite_flag"].sum())
         notes.append(f"{run.name}: {n} head(s) had attention rows with NaN/Inf; their metrics leave those rows out.")
     return notes
-
-
-def run_thresholds(meta: dict[str, Any]) -> Thresholds:
-    """The thresholds a run was flagged with (run.json), falling back to the defaults for missing keys."""
-    stored = meta.get("thresholds")
-    if not isinstance(stored, dict):
-        return Thresholds()
-    values = asdict(Thresholds())
-    for key in values:
-        if isinstance(stored.get(key), (int, float)) and not isinstance(stored.get(key), bool):
-            values[key] = float(stored[key])
-    return Thresholds(**values)
 
 
 def sanitize_name(name: str) -> str:
@@ -391,10 +286,3 @@ def _make_out_dir(out_dir: Path) -> None:
         raise AttnprobeError(
             f"cannot create the report folder {out_dir} ({exc.strerror or exc}); choose a writable --out"
         ) from None
-
-
-def _num(value: Any) -> str:
-    try:
-        return f"{float(value):.3f}"
-    except (TypeError, ValueError):
-        return "?"
