@@ -45,6 +45,11 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         latest = find_latest_run()
         notes.append(f"No run folder was given; this reports the newest finished run, {latest}.")
         paths = [latest]
+    given = paths
+    from attnprobe import lineage
+
+    paths, lineage_notes = lineage.with_parents(paths)
+    notes.extend(lineage_notes)
     loaded = [load_run(p) for p in paths]
     _unique_names(loaded, notes)
     for run in loaded:
@@ -63,8 +68,8 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
 
     if out is not None:
         out_dir = Path(out)
-    elif len(loaded) == 1:
-        out_dir = paths[0] / "report"
+    elif len(given) == 1:
+        out_dir = given[0] / "report"
     else:
         out_dir = outputs.new_run_dir("compare")
     created = not out_dir.exists()
@@ -215,7 +220,8 @@ def flagged_table(heads: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
 
 
 def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per run: model, variant, final accuracy (refine), mean GTD and entropy, flagged heads."""
+    """One row per run: model, variant, task, final accuracy or perplexity (refine), mean GTD and entropy,
+    flagged heads."""
     import pandas as pd
 
     rows = []
@@ -225,7 +231,9 @@ def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
             "run": run.name,
             "model": run.model_name,
             "variant": run.variant or run.kind,
+            "task": run.meta.get("task", "sequence-classification") if run.kind == "refine" else None,
             "accuracy": final.get("accuracy"),
+            "perplexity": final.get("perplexity"),
             "mean GTD": float(run.heads["gtd"].mean()),
             "mean normalized direct entropy": float(run.heads["direct_entropy_norm"].mean()),
             "flagged heads": f"{int(run.heads['flagged'].sum())} / {len(run.heads)}",
