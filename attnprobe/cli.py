@@ -176,6 +176,7 @@ def scan(
     device: Device = None,
     dtype: Dtype = None,
     per_example: Annotated[Optional[bool], typer.Option("--per-example/--no-per-example", help="Also write examples.parquet (one row per example, layer, head).")] = None,
+    patterns: Annotated[Optional[int], typer.Option("--patterns", metavar="N", help="Keep every head's full attention for N short examples in patterns.parquet; 0 turns it off (default: 4).")] = None,
     seed: Seed = None,
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
@@ -197,7 +198,7 @@ def scan(
             "out": str(out) if out else None, "text_column": text_column, "text_pair_column": text_pair_column,
             "encoding": encoding, "num_layers": num_layers, "hops": hops, "batch_size": batch_size,
             "max_length": max_length, "limit": limit, "device": device, "dtype": dtype, "per_example": per_example,
-            "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "patterns": patterns, "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
             "tokenizer": tokenizer,
             "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
@@ -257,6 +258,10 @@ def _print_scan(result, out_dir: Path, as_json: bool) -> None:
                 {"layer": int(r.layer), "head": int(r.head), "reasons": _reasons(r)}
                 for r in result.heads.itertuples() if _reasons(r)
             ],
+            "flagged_heads": [
+                {"layer": int(r.layer), "head": int(r.head), "flags": [n for n in _FLAG_NAMES if bool(getattr(r, n))]}
+                for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES)
+            ],
             "sequences": result.meta["data"]["sequences_scanned"],
             "wall_time_s": result.meta["wall_time_s"],
         }
@@ -274,8 +279,32 @@ def _print_scan(result, out_dir: Path, as_json: bool) -> None:
                       f"{int(r.flagged_heads)}/{int(r.heads)}")
     console = _console()
     console.print(table)
+    _print_flagged(result, console)
     files = "heads.parquet, layers.parquet" + (", examples.parquet" if meta["options"]["per_example"] else "")
+    files += ", patterns.parquet" if result.patterns is not None else ""
     console.print(f"wrote {out_dir}/ ({files}, run.json)", markup=False)
+
+
+_FLAG_NAMES = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse")
+FLAGGED_LINES = 20  # flagged heads listed after the table; the rest are counted
+
+
+def _print_flagged(result, console) -> None:
+    """After the table: each flagged head with its reasons (values against thresholds), up to a screenful."""
+    from attnprobe.reporttypes import flag_reasons, run_thresholds
+
+    flagged = [r for r in result.heads.to_dict("records") if any(bool(r.get(n)) for n in (*_FLAG_NAMES, "nonfinite_flag"))]
+    if not flagged:
+        console.print("no head is flagged", markup=False)
+        return
+    thresholds = run_thresholds(result.meta)
+    console.print(f"flagged heads ({len(flagged)} of {len(result.heads)}):", markup=False)
+    for r in flagged[:FLAGGED_LINES]:
+        console.print(f"  layer {int(r['layer'])} head {int(r['head'])}: {'; '.join(flag_reasons(r, thresholds))}",
+                      markup=False, soft_wrap=True)
+    if len(flagged) > FLAGGED_LINES:
+        console.print(f"  ... and {len(flagged) - FLAGGED_LINES} more (heads.parquet, or `attnprobe report`)",
+                      markup=False)
 
 
 def _reasons(row) -> list[str]:
@@ -288,7 +317,7 @@ def refine(
     model: ModelArg = None,
     train: Annotated[Optional[Path], typer.Option("--train", metavar="FILE", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", metavar="FILE", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: bp-high).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: the checkpoint's own SAOBP settings, else bp-high).")] = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Override the variant's gamma = 1 - exp(J), in [0, 1).")] = None,
@@ -318,10 +347,15 @@ def refine(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
     tokenizer: TokenizerOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
-    """Fine-tune MODEL for sequence classification with SAOBP attention; diagnostics before and after."""
+    """Fine-tune MODEL (sequence classification, or masked-LM pretraining) with SAOBP attention; diagnostics
+    before and after."""
     with _errors():
         from attnprobe.config import RefineConfig, build_config
 
@@ -334,7 +368,8 @@ def refine(
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_train_samples": max_train_samples,
             "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
             "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
-            "trust_remote_code": trust_remote_code, "overwrite": overwrite, "tokenizer": tokenizer,
+            "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
         })
         from attnprobe import outputs, refine as refine_mod, summaries
 

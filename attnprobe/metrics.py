@@ -1,9 +1,11 @@
 """Attention metrics as pure torch functions: entropies, multi-hop attention, GTD, mass shares, flags.
 
 Every metric function returns *unreduced* per-query (or per-sequence) values; reduction over queries
-is a separate, explicit step (``query_sums``), and flags are computed from reduced values. The
-definitions are those of docs/method.md (this project's reconstruction, see there). This module
-depends on torch alone: no transformers, no pandas.
+is a separate, explicit step (``query_sums``), and flags are computed from reduced values. These pure
+functions are the readable spec. ``block_sums`` beside them is the fast path the probe runs: the same
+sums in as few passes over memory as the math allows, into reused scratch buffers, tested against
+``query_sums(query_metrics(...))``. The definitions are those of docs/method.md (this project's
+reconstruction, see there). This module depends on torch alone: no transformers, no pandas.
 
 Shapes: ``probs`` is ``(..., Q, K)`` with rows summing to 1 over valid keys and padded keys exactly 0;
 ``keep`` is ``(..., K)`` bool, True for real tokens (queries and keys share it, Q == K).
@@ -203,6 +205,140 @@ def query_sums(values: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
     sums["sink_weighted"] = torch.where(head_ok, n * sink, 0.0)
     sums["sink_weight"] = torch.where(head_ok, n.expand_as(sink), 0.0)
     sums["queries"] = okf.sum(-1)
+    sums["nonfinite"] = bad.to(torch.float64).sum(-1)
+    return sums
+
+
+# ---- the fast path: the same sums in few passes ----------------------------------------------------
+
+class Scratch:
+    """Reusable buffers for ``block_sums``, one per name, grown on demand and never shrunk.
+
+    The probe keeps one for its lifetime, so a block's metrics allocate no ``(Q, K)`` temporary.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A buffer of ``like``'s shape, dtype and device; its contents are left from the last use."""
+        n = like.numel()
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:n].view(like.shape)
+
+
+def entropy_into(probs: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """``entropy(probs)`` with ``work`` (probs' shape) as scratch: one vectorised log and a row-wise dot.
+
+    ``log`` is taken of ``probs`` clamped to the smallest normal number, so ``p = 0`` contributes
+    ``0 * log(tiny) = 0`` exactly (``0 log 0 = 0``); NaN and Inf propagate, as with ``xlogy``.
+    """
+    torch.clamp(probs, min=torch.finfo(probs.dtype).tiny, out=work).log_()
+    return work.mul_(probs).sum(-1).neg_()
+
+
+def entropy_from_scores(probs: torch.Tensor, scores: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """``entropy(probs)`` for ``probs = softmax(scores)``, without a log over ``(Q, K)``; ``(..., Q)``.
+
+    ``H(A_i) = lse_i * sum_k A_ik - sum_k A_ik S_ik``, with the softmax's own log-sum-exp read off key 0:
+    ``lse_i = S_i0 - log A_i0`` (exact to rounding while ``A_i0`` is a normal number; position 0 is
+    [CLS] / ``<s>``). Padded keys hold ``A = 0`` and a finite large negative bias, so they add ``0``.
+    Rows this cannot serve come out NaN: ``A_i0`` below the smallest normal number (e.g. a padded key 0),
+    or a ``-inf`` logit at a zero probability (``0 * inf``); the caller recomputes them with ``entropy_into``.
+    """
+    first = probs[..., 0]
+    lse = scores[..., 0] - first.log()  # (..., Q)
+    dot = torch.mul(probs, scores, out=work).sum(-1)
+    h = lse * probs.sum(-1) - dot
+    return torch.where(first >= torch.finfo(probs.dtype).tiny, h, float("nan"))
+
+
+def block_sums(
+    probs: torch.Tensor,
+    keep: torch.Tensor,
+    special: torch.Tensor | None = None,
+    hops: int = 2,
+    plain: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
+) -> dict[str, torch.Tensor]:
+    """``query_sums(query_metrics(probs, keep, special, hops, plain), keep)``, in few passes over memory.
+
+    The fast path the probe runs on each block of heads. Passes over ``(b, h, Q, K)``: ``A @ A`` into a
+    scratch buffer; the direct entropy from ``scores`` (a product and two sums; else the log path);
+    the indirect entropy as one log into a second buffer and a row-wise dot; GTD in place on ``A @ A``;
+    the special-token mass as one product and a sum. The other masses read ``O(Q)`` or are
+    vector-matrix products. Normalized entropies are the sums divided by ``log n`` (constant per sequence).
+
+    Args:
+        probs: ``(b, h, Q, K)`` attention probabilities.
+        keep: ``(b, K)`` bool, True for real tokens.
+        special: ``(b, K)`` bool special tokens, or None.
+        hops: K of the multi-hop attention.
+        plain: ``(b, h, Q, K)`` attention before SAOBP (for ``bp_shift``), or None.
+        scores: ``(b, h, Q, K)`` logits with ``probs = softmax(scores)`` at ``probs``' precision, or None.
+        scratch: buffers to reuse (None: allocate).
+
+    Returns:
+        The dict ``query_sums`` returns: ``(b, h)`` float64 sums.
+    """
+    if hops < 2:
+        raise ValueError(f"hops must be >= 2, got {hops}")
+    scratch = scratch if scratch is not None else Scratch()
+    multi, work = scratch.get("multi", probs), scratch.get("work", probs)
+    torch.matmul(probs, probs, out=multi)  # (b, h, Q, K)
+    if hops > 2:
+        power, spare = scratch.get("power", probs), scratch.get("spare", probs)
+        power.copy_(multi)
+        for _ in range(hops - 2):
+            torch.matmul(power, probs, out=spare)
+            power, spare = spare, power
+            multi.add_(power)
+        multi.div_(hops - 1)
+    if scores is not None:
+        h_dir = entropy_from_scores(probs, scores, work)
+        finite = torch.isfinite(h_dir)
+        if not bool(finite.all()):
+            h_dir = torch.where(finite, h_dir, entropy_into(probs, work))
+    else:
+        h_dir = entropy_into(probs, work)
+    h_ind = entropy_into(multi, work)
+    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
+    if special is not None:
+        spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
+    else:
+        spec = torch.zeros_like(h_dir)
+    columns = [h_dir, h_ind, tv, self_mass(probs), local_mass(probs), first_mass(probs), spec]
+    if plain is not None:
+        columns.append(torch.sub(probs, plain, out=work).abs_().sum(-1).mul_(0.5))
+    sink = sink_mass(probs, keep[:, None, :]).to(torch.float64)  # (b, h)
+
+    valid = keep[:, None, :]  # (b, 1, Q)
+    bad = ~(torch.isfinite(h_dir) & torch.isfinite(tv)) & valid  # (b, h, Q)
+    ok = valid & ~bad
+    values = torch.where(ok[..., None], torch.stack(columns, -1).to(torch.float64), 0.0).sum(-2)  # (b, h, m)
+    log_n = normalizer(keep)[:, None]  # (b, 1)
+    sums = {
+        "direct_entropy": values[..., 0],
+        "direct_entropy_norm": values[..., 0] / log_n,
+        "indirect_entropy": values[..., 1],
+        "indirect_entropy_norm": values[..., 1] / log_n,
+        "gtd": values[..., 2],
+        "self_mass": values[..., 3],
+        "local_mass": values[..., 4],
+        "first_mass": values[..., 5],
+        "special_mass": values[..., 6],
+    }
+    if plain is not None:
+        sums["bp_shift"] = values[..., 7]
+    n = keep.sum(-1).to(torch.float64)[:, None]  # (b, 1)
+    head_ok = ~bad.any(-1)  # (b, h): a sequence-level value needs every row finite
+    sums["sink_weighted"] = torch.where(head_ok, n * sink, 0.0)
+    sums["sink_weight"] = torch.where(head_ok, n.expand_as(sink), 0.0)
+    sums["queries"] = ok.to(torch.float64).sum(-1)
     sums["nonfinite"] = bad.to(torch.float64).sum(-1)
     return sums
 

@@ -136,7 +136,7 @@ def load_model(
     Args:
         spec: an alias from ``ALIASES``, a ``save_pretrained`` folder or a hub id in the local cache.
         num_layers: keep only the first N layers.
-        task: ``base`` (AutoModel) or ``sequence-classification``.
+        task: ``base`` (AutoModel), ``sequence-classification`` or ``masked-lm`` (AutoModelForMaskedLM).
         saobp: SAOBP settings to switch in (None keeps what the checkpoint's config says, if anything).
         tokenizer: a tokenizer folder, alias or cached hub id to use instead of the checkpoint's own.
 
@@ -168,6 +168,8 @@ def load_model(
             config.id2label = dict(enumerate(label_names))
             config.label2id = {n: i for i, n in enumerate(label_names)}
         auto = AutoModelForSequenceClassification
+    elif task == "masked-lm":
+        from transformers import AutoModelForMaskedLM as auto
     else:
         auto = AutoModel
     torch_device = pick_device(device)

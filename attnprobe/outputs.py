@@ -22,13 +22,14 @@ RUN_JSON = "run.json"
 HEADS = "heads.parquet"
 LAYERS = "layers.parquet"
 EXAMPLES = "examples.parquet"
+PATTERNS = "patterns.parquet"
 HISTORY = "history.parquet"
 DIAGNOSTICS = "diagnostics.parquet"
 DEFAULT_RUNS_DIR = "attnprobe-runs"
 LOCK = ".attnprobe.lock"
 
 # Files that mark a folder as holding a run of ours.
-RUN_FILES = (RUN_JSON, HEADS, LAYERS, EXAMPLES, HISTORY, DIAGNOSTICS, "model")
+RUN_FILES = (RUN_JSON, HEADS, LAYERS, EXAMPLES, PATTERNS, HISTORY, DIAGNOSTICS, "model")
 
 
 def _tmp_path(path: Path) -> Path:

@@ -3,8 +3,8 @@
 The attention function (saobp.attention_forward) hands the probabilities of every call to the probe
 active in the current context. The probe identifies the layer by call order within one forward pass
 (robust for DistilBERT and ALBERT, which have no ``layer_idx`` and, for ALBERT, one shared module),
-computes the per-query metrics in head chunks (bounded extra memory), and adds token-weighted sums into
-``(L, H)`` accumulators. Nothing of shape ``(L, B, H, Q, K)`` is ever stacked. Pure torch.
+computes the metrics in blocks of sequences or heads (bounded extra memory, reused scratch buffers, see
+``metrics.block_sums``), and adds token-weighted sums into ``(L, H)`` accumulators. Nothing of shape ``(L, B, H, Q, K)`` is ever stacked. Pure torch.
 """
 
 from __future__ import annotations
@@ -19,12 +19,39 @@ from attnprobe import metrics
 
 _ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprobe_probe", default=None)
 
-# Elements (1 MiB of float32) in one block of (sequences, heads) the metrics are computed on at a time: the
-# temporaries stay cache-sized and below the allocator's mmap threshold (measured faster than larger blocks).
-CHUNK_ELEMENTS = 1 << 18
+# Elements (4 MiB of float32) in one block of sequences or heads the metrics are computed on at a time. The
+# block's two scratch buffers are reused, so the size trades cache locality against the number of operations
+# per layer: each large operation is one parallel region, and on a shared machine every region can wait for a
+# descheduled thread. 4 MiB measured faster than 1 MiB there (docs/benchmarks.md).
+CHUNK_ELEMENTS = 1 << 20
+# On an accelerator, blocks of 64 MiB: each operation is one kernel launch, so fewer, larger blocks.
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 SUM_KEYS = (*metrics.QUERY_METRICS, "bp_shift")
 COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight")
+
+
+def blocks(B: int, H: int, QK: int, limit: int | None = None) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, h0, h1)`` blocks of about ``limit`` elements (default ``CHUNK_ELEMENTS``) that cover
+    ``B`` sequences x ``H`` heads.
+
+    Whole sequences (all heads, contiguous in memory) when one fits, else heads of one sequence, so the
+    temporaries stay cache-sized and below the allocator's mmap threshold.
+    """
+    limit = CHUNK_ELEMENTS if limit is None else limit
+    if H * QK <= limit:
+        step = max(1, limit // (H * QK))
+        return [(b0, min(B, b0 + step), 0, H) for b0 in range(0, B, step)]
+    step = max(1, limit // max(1, QK))
+    return [(b, b + 1, h0, min(H, h0 + step)) for b in range(B) for h0 in range(0, H, step)]
+
+
+def _assemble(parts, key: str) -> torch.Tensor:
+    """Concatenate per-block ``(b, h)`` sums of ``key`` back into ``(B, H)``."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for (b0, _), sums in parts:
+        rows.setdefault(b0, []).append(sums[key])
+    return torch.cat([torch.cat(r, dim=1) for r in rows.values()], dim=0)
 
 
 def active_probe() -> Probe | None:
@@ -73,6 +100,8 @@ class Probe:
         self._batch: list[dict[str, torch.Tensor]] = []
         self.refined_layers: set[int] = set()
         self.calls = 0  # attention calls seen in total
+        self.block_fn = metrics.block_sums  # the per-block metrics: (probs, keep, special, hops, plain, scores, scratch)
+        self._scratch = metrics.Scratch()
         if num_heads is not None:
             self._init_totals(num_heads)
 
@@ -88,8 +117,17 @@ class Probe:
         self._special = None
         self._batch = []
 
-    def observe(self, module, probs: torch.Tensor, plain: torch.Tensor | None = None) -> None:
-        """Reduce one layer's ``(B, H, Q, K)`` attention (``plain``: before SAOBP) to ``(B, H)`` sums."""
+    def observe(self, module, probs: torch.Tensor, plain: torch.Tensor | None = None, *,
+                scores: torch.Tensor | None = None) -> None:
+        """Reduce one layer's ``(B, H, Q, K)`` attention to ``(B, H)`` sums.
+
+        Args:
+            module: the attention module (unused; identifies the caller).
+            probs: the attention the model uses.
+            plain: the attention before SAOBP refinement, for ``bp_shift`` (None: not refined).
+            scores: the logits with ``probs = softmax(scores)``, if the caller has them; they let the
+                direct entropy skip a log (used only when ``probs`` is already in ``metric_dtype``).
+        """
         self.calls += 1
         if self._keep is None:
             return  # a forward pass outside begin()/end(), e.g. a backend check
@@ -103,23 +141,17 @@ class Probe:
         special = self._special.to(probs.device) if self._special is not None else None
         if plain is not None:
             self.refined_layers.add(layer)
-        # Blocks of heads, and of sequences when one head of the whole batch is already too large, so the
-        # temporaries stay small (cache-sized, below the allocator's mmap threshold).
-        h_step = max(1, min(H, CHUNK_ELEMENTS // max(1, B * Q * K)))
-        b_step = B if B * Q * K <= CHUNK_ELEMENTS else max(1, CHUNK_ELEMENTS // max(1, Q * K))
-        rows: list[dict[str, torch.Tensor]] = []
-        for b0 in range(0, B, b_step):
-            kb = keep[b0:b0 + b_step]
-            sb = special[b0:b0 + b_step] if special is not None else None
-            parts: list[dict[str, torch.Tensor]] = []
-            for h0 in range(0, H, h_step):
-                p = probs[b0:b0 + b_step, h0:h0 + h_step].to(self.metric_dtype)
-                pl = plain[b0:b0 + b_step, h0:h0 + h_step].to(self.metric_dtype) if plain is not None else None
-                values = metrics.query_metrics(p, kb, sb, self.hops, plain=pl)
-                parts.append({k: v.cpu() for k, v in metrics.query_sums(values, kb).items()})
-                del values, p, pl
-            rows.append({k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]})
-        sums = {k: torch.cat([row[k] for row in rows], dim=0) for k in rows[0]}  # each (B, H)
+        if scores is not None and not (plain is None and probs.dtype == scores.dtype == self.metric_dtype):
+            scores = None  # the logits of unrefined attention at the metrics' precision, or none
+        parts = []
+        limit = CHUNK_ELEMENTS if probs.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+        for b0, b1, h0, h1 in blocks(B, H, Q * K, limit):
+            pl = plain[b0:b1, h0:h1].to(self.metric_dtype) if plain is not None else None
+            sc = scores[b0:b1, h0:h1] if scores is not None else None
+            parts.append(((b0, h0), self.block_fn(probs[b0:b1, h0:h1].to(self.metric_dtype), keep[b0:b1],
+                                                  special[b0:b1] if special is not None else None,
+                                                  self.hops, pl, sc, self._scratch)))
+        sums = {k: _assemble(parts, k).cpu() for k in parts[0][1]}  # each (B, H)
         if "bp_shift" not in sums:
             sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))
         self._batch.append(sums)

@@ -54,6 +54,7 @@ class ScanResult:
     layers: Any  # pandas.DataFrame
     meta: dict[str, Any]
     examples: Any = None  # pandas.DataFrame when kept in memory
+    patterns: Any = None  # pandas.DataFrame (patterns.parquet) with --patterns N > 0
     out_dir: Path | None = None
 
 
@@ -216,11 +217,12 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
                 should_stop: Callable[[], int | None] | None = None,
                 on_notice: Callable[[str], None] | None = None,
                 model=None, metric_dtype: torch.dtype | None = None,
-                world=None) -> tuple[Probe, dict[str, int]]:
+                world=None, on_encoded: Callable[[Encoded], None] | None = None) -> tuple[Probe, dict[str, int]]:
     """Stream chunks (objects with texts/pairs/rows) through the model; return the probe and counters.
 
     With a distributed ``world`` (parallel.World) each process takes every ``world.size``-th row of
     each chunk, and the sums and counters are all-reduced at the end, so every process returns the totals.
+    ``on_encoded`` sees each tokenized chunk (``scan --patterns`` picks its rows from them).
     """
     from attnprobe import parallel
 
@@ -243,6 +245,8 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
         enc = encode_chunk(tokenizer, texts, pairs, rows, max_length)
         counts["truncated"] += enc.truncated
         counts["too_short"] += enc.short
+        if on_encoded is not None:
+            on_encoded(enc)
         for batch, special, batch_rows in make_batches(enc, batch_size, pad_id, special_ids, loaded.device,
                                                        equal_length=getattr(loaded, "padding", "right") == "none"):
             if should_stop is not None and (signum := should_stop()):
@@ -361,12 +365,15 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
     if config.per_example and out_dir is not None:
         writer = outputs.ParquetRowWriter(Path(out_dir) / outputs.EXAMPLES)
     sink = _ExampleSink(writer, world=world) if config.per_example else None
+    from attnprobe import patterns as patterns_mod
+
+    picker = patterns_mod.ExamplePicker(config.patterns) if config.patterns else None
     try:
         probe, counts = run_batches(
             loaded, _Chunks(source, config.limit, sink), batch_size=config.batch_size,
             max_length=max_length, hops=config.hops, per_example=config.per_example,
             on_examples=sink.add if sink else None, on_progress=on_progress, should_stop=should_stop,
-            on_notice=on_notice, world=world)
+            on_notice=on_notice, world=world, on_encoded=picker.add if picker else None)
         if sink is not None:
             sink.flush()
     except BaseException:
@@ -375,6 +382,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         raise
     heads = head_frame(probe.totals(), config.thresholds)
     layers = layer_frame(heads)
+    kept = _keep_patterns(loaded, picker, world) if picker is not None else None
     examples = None
     if sink is not None and writer is None:
         import pandas as pd
@@ -412,7 +420,10 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "processes": world.size,
         "notices": notices,
     }
-    result = ScanResult(heads=heads, layers=layers, meta=meta, examples=examples)
+    if kept is not None:
+        meta["patterns"] = kept[1]
+    result = ScanResult(heads=heads, layers=layers, meta=meta, examples=examples,
+                        patterns=kept[0] if kept is not None else None)
     if out_dir is not None:
         if writer is not None:
             writer.close()
@@ -424,6 +435,26 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
     return result
 
 
+def _keep_patterns(loaded, picker, world):
+    """``(patterns.parquet frame, run.json entry)`` of the picked rows, on the main process (else None)."""
+    from attnprobe import parallel
+    from attnprobe import patterns as patterns_mod
+
+    if world.distributed:
+        pickers = parallel.gather_objects(picker, world)
+        if not world.is_main:
+            return None
+        for other in pickers[1:]:
+            pickers[0].merge(other)
+        picker = pickers[0]
+    started = time.time()
+    kept = patterns_mod.keep_patterns(loaded, picker)
+    frame = patterns_mod.pattern_frame(kept)
+    return frame, {"requested": picker.n, "examples": [p.row for p in kept],
+                   "tokens": [len(p.tokens) for p in kept], "rule": patterns_mod.RULE,
+                   "seconds": round(time.time() - started, 3)}
+
+
 def write_scan(result: ScanResult, out_dir: str | Path) -> Path:
     """Write heads/layers Parquet, then run.json (complete) last."""
     out_dir = Path(out_dir)
@@ -431,6 +462,8 @@ def write_scan(result: ScanResult, out_dir: str | Path) -> Path:
     outputs.atomic_write_parquet(result.layers, out_dir / outputs.LAYERS)
     if result.examples is not None:
         outputs.atomic_write_parquet(result.examples, out_dir / outputs.EXAMPLES)
+    if result.patterns is not None:
+        outputs.atomic_write_parquet(result.patterns, out_dir / outputs.PATTERNS)
     result.meta["complete"] = True
     outputs.atomic_write_json(out_dir / outputs.RUN_JSON, result.meta)
     result.out_dir = out_dir

@@ -5,6 +5,8 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
     scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics
+    scan_before        the same forward with the probe of before issue 11 (``BeforeProbe``: the pure metric
+                       functions on 1 MiB blocks, xlogy entropies, no logits), for before/after in one run
     naive              eager forward with ``output_attentions=True``, then python loops over examples and
                        heads computing the same metrics on each ``(n, n)`` matrix with plain torch ops
     output_attentions  eager forward with ``output_attentions=True`` only (the memory reference)
@@ -15,6 +17,9 @@ subprocess of this script (``--memory-mode``), before the parent loads any model
 real ``attnprobe.scanner.scan`` over a GLUE file. This script measures; it changes nothing in the package.
 
     python bench/bench_scan.py --lengths 128 --batches 3 --repeats 3
+
+``--sequences N`` sets the batches to cover N sequences (e.g. 10,000 on a GPU, ``bench/gpu_check.sh``);
+``--dtype bfloat16`` runs both models in that precision.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ from pathlib import Path
 
 import torch
 
-from attnprobe import data, models
+from attnprobe import data, metrics, models
 from attnprobe.config import ScanConfig
 from attnprobe.probe import Probe, means
 from attnprobe.scanner import CHUNK_ROWS, effective_max_length, encode_chunk, forward_batch, make_batches, scan, versions
 
-MODES = ("eager", "scan", "naive", "output_attentions")
+MODES = ("eager", "scan", "scan_before", "naive", "output_attentions")
+# Throughput ratios reported: key -> (numerator mode, denominator mode), i.e. seconds of num / seconds of den.
+RATIOS = {"scan_over_eager": ("eager", "scan"), "scan_over_naive": ("naive", "scan"),
+          "scan_before_over_eager": ("eager", "scan_before"), "scan_over_scan_before": ("scan_before", "scan")}
 NAIVE_METRICS = ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
                  "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass")
 WARMUP_ROWS = 2  # sequences in the warm-up batch: enough to initialise kernels, small next to a real batch
@@ -140,6 +148,40 @@ def naive_metrics(attentions, keep: torch.Tensor, special: torch.Tensor) -> torc
     return out
 
 
+# ---------------------------------------------------------------------------------------- before probe
+
+class BeforeProbe(Probe):
+    """The probe as it was before issue 11: ``query_metrics`` + ``query_sums`` on 1 MiB blocks of heads.
+
+    Kept here only to measure before and after in one run; it ignores the logits the attention passes.
+    """
+
+    CHUNK = 1 << 18
+
+    def observe(self, module, probs, plain=None, *, scores=None):
+        self.calls += 1
+        if self._keep is None:
+            return
+        B, H, Q, K = probs.shape
+        keep, special = self._keep, self._special
+        h_step = max(1, min(H, self.CHUNK // max(1, B * Q * K)))
+        b_step = B if B * Q * K <= self.CHUNK else max(1, self.CHUNK // max(1, Q * K))
+        rows = []
+        for b0 in range(0, B, b_step):
+            kb = keep[b0:b0 + b_step]
+            sb = special[b0:b0 + b_step] if special is not None else None
+            parts = []
+            for h0 in range(0, H, h_step):
+                p = probs[b0:b0 + b_step, h0:h0 + h_step].to(self.metric_dtype)
+                values = metrics.query_metrics(p, kb, sb, self.hops)
+                parts.append({k: v.cpu() for k, v in metrics.query_sums(values, kb).items()})
+                del values, p
+            rows.append({k: torch.cat([part[k] for part in parts], dim=1) for k in parts[0]})
+        sums = {k: torch.cat([row[k] for row in rows], dim=0) for k in rows[0]}
+        sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))
+        self._batch.append(sums)
+
+
 # ---------------------------------------------------------------------------------------------- modes
 
 class Runner:
@@ -152,8 +194,8 @@ class Runner:
         with torch.no_grad():
             if mode == "eager":
                 return self.eager(**batch)
-            if mode == "scan":
-                probe = Probe(self.loaded.num_layers, hops=2)
+            if mode in ("scan", "scan_before"):
+                probe = (Probe if mode == "scan" else BeforeProbe)(self.loaded.num_layers, hops=2)
                 forward_batch(self.loaded, probe, batch, special)
                 return probe
             if mode == "output_attentions":
@@ -168,23 +210,23 @@ class Runner:
             torch.cuda.synchronize()
 
 
-def load_runner(model: str, device: str, need: set[str]) -> Runner:
+def load_runner(model: str, device: str, need: set[str], dtype: str = "float32") -> Runner:
     """Load attnprobe's model (for ``scan``) and/or a plain eager copy of the same weights."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     path, _, _ = models.resolve_model(model)
     loaded = eager = None
-    if "scan" in need:
-        loaded = models.load_model(model, device=device)
+    if need & {"scan", "scan_before"}:
+        loaded = models.load_model(model, device=device, dtype=dtype)
         if loaded.backend != "attnprobe":
             raise SystemExit(f"{model} runs backend {loaded.backend!r}, not the streamed 'attnprobe' one")
     torch_device = models.pick_device(device)
-    if need - {"scan"}:
+    if need - {"scan", "scan_before"}:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         eager = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
-        eager.to(torch_device).eval()
+        eager.to(torch_device, dtype=getattr(torch, dtype)).eval()
     tokenizer = loaded.tokenizer if loaded is not None else models.load_tokenizer(path)
     return Runner(loaded, eager, tokenizer, torch_device)
 
@@ -220,12 +262,19 @@ def time_length(runner: Runner, length: int, args) -> dict:
         print(f"  naive vs scan per-head means, max abs diff: {result['agreement']['max_abs_diff']:.2e} "
               f"(hidden states attnprobe vs eager: {result['agreement']['hidden_state_max_abs_diff']:.2e})",
               flush=True)
+    if "scan" in modes and "scan_before" in modes:  # the same numbers before and after, on a full batch
+        now = means(runner.run("scan", *batches[0]).totals())
+        before = means(runner.run("scan_before", *batches[0]).totals())
+        diffs = {k: float((now[k] - before[k]).abs().max()) for k in NAIVE_METRICS}
+        result["agreement_before"] = {"max_abs_diff": max(diffs.values()), "per_metric": diffs}
+        print(f"  scan vs scan_before per-head means, max abs diff: {max(diffs.values()):.2e} "
+              f"({max(diffs, key=diffs.get)})", flush=True)
     for mode in modes:  # warm-up on a small slice: kernels and thread pools, not counted
         runner.run(mode, head_rows(batches[0][0], WARMUP_ROWS), batches[0][1][:WARMUP_ROWS])
     # Finest interleaving: for every batch, each mode once (order rotating), so the paired ratios of
     # one batch see the same machine load; the shared CPUs make whole-block timings drift by 2-3x.
     times: dict[str, list[float]] = {m: [] for m in modes}
-    pairs: dict[str, list[float]] = {"scan_over_eager": [], "scan_over_naive": []}
+    pairs: dict[str, list[float]] = {key: [] for key in RATIOS}
     step = 0
     for r in range(max(p[1] for p in plan.values())):
         for i, (batch, special) in enumerate(batches):
@@ -245,20 +294,21 @@ def time_length(runner: Runner, length: int, args) -> dict:
                 del out
             for mode, t in these.items():
                 times[mode].append(t)
-            if "scan" in these and "eager" in these:
-                pairs["scan_over_eager"].append(these["eager"] / these["scan"])
-            if "scan" in these and "naive" in these:
-                pairs["scan_over_naive"].append(these["naive"] / these["scan"])
-            print(f"  L={length} repeat {r + 1} batch {i + 1}: "
-                  + "  ".join(f"{m} {these[m]:.2f}s" for m in order if m in these), flush=True)
+            for key, (num, den) in RATIOS.items():
+                if num in these and den in these:
+                    pairs[key].append(these[num] / these[den])
+            if not args.quiet_batches or i == len(batches) - 1:
+                print(f"  L={length} repeat {r + 1} batch {i + 1}: "
+                      + "  ".join(f"{m} {these[m]:.2f}s" for m in order if m in these), flush=True)
     rows = {}
     for mode in modes:
         sec = statistics.median(times[mode])
         rows[mode] = {"sec_per_batch": sec, "seq_per_s": args.batch_size / sec, "min_s": min(times[mode]),
+                      "total_s": sum(times[mode]), "sequences": args.batch_size * len(times[mode]),
                       "all_s": times[mode]}
     result["modes"] = rows
-    for key, (num, den) in {"scan_over_eager": ("eager", "scan"), "scan_over_naive": ("naive", "scan")}.items():
-        if num in rows and den in rows:
+    for key, (num, den) in RATIOS.items():
+        if num in rows and den in rows and pairs[key]:
             result[key] = rows[num]["sec_per_batch"] / rows[den]["sec_per_batch"]
             result[f"{key}_paired"] = pairs[key]
             result[f"{key}_paired_median"] = statistics.median(pairs[key])
@@ -267,19 +317,21 @@ def time_length(runner: Runner, length: int, args) -> dict:
 
 
 TARGETS = {"scan_over_eager": {128: 0.85, 512: 0.45}, "scan_over_naive": {512: 3.0}}
+LABELS = {"scan_over_eager": "scan/eager throughput", "scan_over_naive": "scan/naive throughput",
+          "scan_before_over_eager": "scan_before/eager throughput", "scan_over_scan_before": "scan/scan_before speed-up"}
 
 
 def print_timing(res: dict) -> None:
     L = res["length"]
     print(f"\nL = {L}, batch {res['batch_size']}: seconds per batch (median), sequences/s")
-    print(f"  {'mode':<18}{'s/batch':>9}{'seq/s':>9}{'min s':>9}  batches x repeats")
+    print(f"  {'mode':<18}{'s/batch':>9}{'seq/s':>9}{'min s':>9}{'total s':>9}  batches x repeats")
     for mode, row in res["modes"].items():
         p = res["plan"][mode]
         print(f"  {mode:<18}{row['sec_per_batch']:>9.3f}{row['seq_per_s']:>9.2f}{row['min_s']:>9.3f}"
-              f"  {p['batches']} x {p['repeats']}")
-    for key, label in (("scan_over_eager", "scan/eager throughput"), ("scan_over_naive", "scan/naive throughput")):
+              f"{row['total_s']:>9.2f}  {p['batches']} x {p['repeats']} ({row['sequences']} sequences in all)")
+    for key, label in LABELS.items():
         if key in res:
-            target = TARGETS[key].get(L)
+            target = TARGETS.get(key, {}).get(L)
             verdict = "" if target is None else f"  target >= {target}: {'met' if res[key] >= target else 'NOT met'}"
             paired = res[f"{key}_paired"]
             print(f"  {label}: {res[key]:.3f} from the medians; paired per batch: median "
@@ -307,7 +359,7 @@ def _reset_peak() -> bool:
 def memory_child(args) -> None:
     """One mode, one length, a fresh process: print a JSON line with the peak RSS increase of one batch."""
     mode, length = args.memory_mode, args.length
-    runner = load_runner(args.model, args.device, {mode})
+    runner = load_runner(args.model, args.device, {mode}, args.dtype)
     batch_cpu = fixed_batches(runner.tokenizer, length, args.batch_size, 1)[0]
     batch, special = to_device(batch_cpu, runner.device), special_of(batch_cpu, runner.tokenizer).to(runner.device)
     ru_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -343,7 +395,7 @@ def memory_length(length: int, args) -> dict:
     rows = {}
     for mode in [m for m in MODES if m in args.modes]:
         cmd = [sys.executable, __file__, "--memory-mode", mode, "--length", str(length), "--batch-size",
-               str(args.batch_size), "--model", args.model, "--device", args.device]
+               str(args.batch_size), "--model", args.model, "--device", args.device, "--dtype", args.dtype]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")]
@@ -446,8 +498,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every mode")
     p.add_argument("--naive-batches", type=int, default=None, help="batches for naive (default --batches)")
     p.add_argument("--naive-repeats", type=int, default=None, help="repeats for naive (default --repeats)")
+    p.add_argument("--sequences", type=int, default=None,
+                   help="set --batches to cover this many sequences (e.g. 10000)")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--quiet-batches", action="store_true", help="print only the last batch of each repeat")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--skip-timing", action="store_true", help="only the memory subprocesses")
     p.add_argument("--skip-memory", action="store_true", help="only the timing")
@@ -462,6 +518,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.sequences:
+        args.batches = -(-args.sequences // args.batch_size)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_mode:
@@ -486,7 +544,7 @@ def main(argv=None) -> None:
     runner = None
     if not args.skip_timing and args.lengths or args.sst2:
         need = set(args.modes) | ({"scan", "eager"} if args.sst2 else set())
-        runner = load_runner(args.model, args.device, need)
+        runner = load_runner(args.model, args.device, need, args.dtype)
     if not args.skip_timing:
         for length in args.lengths:
             res = time_length(runner, length, args)

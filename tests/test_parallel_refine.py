@@ -158,3 +158,37 @@ def test_accelerate_launch_two_cpu_processes_match_one(work, single):
     proc = _launch(launcher, work, out)
     _check_written_once(out, proc)
     _compare(single, out)
+
+
+def test_torchrun_diagnostics_count_each_eval_row_once_with_a_padded_last_batch(work):
+    """13 eval rows on 2 processes x 4: the sharded eval loader repeats 3 rows to fill its last batch. The
+    diagnostics, taken in the evaluation pass, must still cover each row once: equal to a separate
+    single-process scan of the eval set by the model at that point (the start, and the saved final model)."""
+    from attnprobe import data, models, scanner
+    from attnprobe.config import Thresholds
+    from attnprobe.saobp import SaobpSettings
+
+    dev = write_rows(work["root"] / "dev13.tsv", 13, seed=5)
+    out = work["root"] / "torchrun-13"
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m",
+            "attnprobe", "refine", str(work["model"]), "--train", str(work["train"]), "--eval", str(dev), *OPTIONS,
+            "--epochs", "1", "--batch-size", str(PER_DEVICE), "--no-checkpoints", "--out", str(out)]
+    proc = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=_env(),
+                          timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = outputs.read_run_json(out)
+    assert meta["processes"] == 2 and meta["diagnostics_from"] == "evaluation"
+    diag = pd.read_parquet(out / outputs.DIAGNOSTICS)
+    texts = data.read_labeled(str(dev)).texts
+    starts = models.load_model(str(work["model"]), device="cpu", saobp=SaobpSettings(gamma=0.9, variant="bp-high"))
+    final = models.load_model(str(out / "model"), device="cpu")
+    num = ["queries", *scanner.METRIC_COLUMNS, "nonfinite"]
+    for epoch, loaded in ((0.0, starts), (1.0, final)):
+        loaded.model.eval()
+        probe, _ = scanner.run_batches(loaded, [data.Chunk(texts, None, None, list(range(len(texts))))],
+                                       batch_size=PER_DEVICE, max_length=32, hops=2)
+        expected = scanner.head_frame(probe.totals(), Thresholds())
+        got = diag[diag["epoch"] == epoch].reset_index(drop=True)
+        assert got["queries"].tolist() == expected["queries"].tolist(), epoch  # no row counted twice
+        np.testing.assert_allclose(got[num].to_numpy(float), expected[num].to_numpy(float), rtol=1e-5, atol=1e-6,
+                                   equal_nan=True, err_msg=str(epoch))

@@ -180,9 +180,9 @@ def test_memory_does_not_stack_layers(tiny_bert, monkeypatch):
     refs = []
     original = probe_mod.Probe.observe
 
-    def spy(self, module, probs, plain=None):
+    def spy(self, module, probs, plain=None, **kwargs):
         refs.append(weakref.ref(probs))
-        return original(self, module, probs, plain)
+        return original(self, module, probs, plain, **kwargs)
 
     monkeypatch.setattr(probe_mod.Probe, "observe", spy)
     scan(ScanConfig(model=str(tiny_bert), text=tuple(TEXTS)))
