@@ -344,7 +344,7 @@ def refine(
     overwrite: Overwrite = None,
     task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="With --init: the tokenizer (and so the vocabulary) to use instead of MODEL's.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="The tokenizer to use instead of MODEL's; with --init its vocabulary sets the new model's.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
