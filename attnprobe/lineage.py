@@ -68,3 +68,26 @@ def parent_run(spec: str) -> dict[str, Any] | None:
     return {"run": str(path.parent.resolve()), "task": meta.get("task", "sequence-classification"),
             "variant": meta.get("variant"), "init": meta.get("init"), "steps": meta.get("steps"),
             "final": meta.get("final")}
+
+
+def with_parents(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """``paths`` with the parent run of each refine run put just before it (once, where its folder still
+    exists and it is not given already), and a note for each parent added: the report shows the
+    pretraining and the fine-tuning of one lineage side by side."""
+    given = {p.resolve() for p in paths}
+    out: list[Path] = []
+    notes = []
+    for p in paths:
+        try:
+            meta = json.loads((p / outputs.RUN_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}  # the report's own loading gives the error
+        parent = meta.get("parent") if isinstance(meta.get("parent"), dict) else None
+        folder = Path(parent["run"]) if parent and parent.get("run") else None
+        if folder is not None and folder.resolve() not in given and (folder / outputs.RUN_JSON).is_file():
+            given.add(folder.resolve())
+            out.append(folder)
+            notes.append(f"{p.name} was fine-tuned from the model of {folder.name} "
+                         f"({parent.get('task')}, {parent.get('variant')}); both are shown.")
+        out.append(p)
+    return out, notes

@@ -2,7 +2,7 @@
 
 One command per budget:
 
-    python bench/pretrain_study.py --budget cpu     # fits the shared 2-core machine (~45 minutes, 2 jobs)
+    python bench/pretrain_study.py --budget cpu     # fits the shared 2-core machine (~40 minutes, 2 jobs)
     python bench/pretrain_study.py --budget gpu     # the same study at BERT-Mini / BERT-Small scale, on CUDA
 
 For every seed it pretrains (``attnprobe refine --task masked-lm --init ...``) a "mini" model as baseline,
@@ -28,14 +28,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 BUDGETS = {
-    "cpu": dict(
-        vocab=4096, sizes={"mini": "L4-H128", "up": "L4-H256"}, max_length=64, batch=16, steps=600, eval_every=100,
-        lr=1e-3, eval_docs=300, diag_docs=None, warmup=0.06, device="cpu", dtype="float32", seeds=[0, 1],
-        finetune=dict(train=1500, eval=400, epochs=2, lr=2e-4, batch=32, max_length=64), jobs=2, threads=1,
+    "cpu": dict(  # sized for 2 shared cores: about 20 CPU-minutes in all (docs/benchmarks.md)
+        vocab=4096, sizes={"mini": "L4-H128", "up": "L4-H192"}, max_length=64, batch=8, steps=250, eval_every=50,
+        lr=1e-3, train_docs=3000, eval_docs=100, warmup=0.06, device="cpu", dtype="float32", seeds=[0, 1],
+        finetune=dict(train=600, eval=200, epochs=2, lr=3e-4, batch=16, max_length=64), jobs=2, threads=1,
     ),
     "gpu": dict(
         vocab=None, sizes={"mini": "mini", "up": "small"}, max_length=128, batch=128, steps=20000, eval_every=1000,
-        lr=5e-4, eval_docs=None, diag_docs=None, warmup=0.06, device="cuda", dtype="bfloat16", seeds=[0, 1, 2],
+        lr=5e-4, train_docs=None, eval_docs=None, warmup=0.06, device="cuda", dtype="bfloat16", seeds=[0, 1, 2],
         finetune=dict(train=None, eval=None, epochs=3, lr=1e-4, batch=32, max_length=128), jobs=1, threads=8,
     ),
 }
@@ -98,6 +98,8 @@ def lineage(b: dict, size: str, variant: str, seed: int, paths: dict, out: Path,
         pre_args += ["--tokenizer", str(paths["tokenizer"])]
     if b["eval_docs"]:
         pre_args += ["--max-eval-samples", str(b["eval_docs"])]
+    if b["train_docs"]:
+        pre_args += ["--max-train-samples", str(b["train_docs"])]
     info = _refine(pre_args, b["threads"], out / f"{name}.log")
     meta = json.loads((pre / "run.json").read_text())
     _record(results, {"stage": "pretrain", "budget": paths["budget"], "size": size, "shape": b["sizes"][size],

@@ -239,6 +239,14 @@ def test_pretrain_then_finetune_inherits_the_variant(pretrained):
     pre = load_file(pretrained["out"] / "model" / "model.safetensors")
     assert inherit["model"]["architecture"] == "BertForSequenceClassification"
     assert any(k.startswith("bert.encoder") for k in pre)
+    # the report of the fine-tuned run shows its pretraining beside it
+    from attnprobe.report import write_report
+
+    report = write_report([root / "ft-inherit"], fmt="html")
+    page = report.html.read_text(encoding="utf-8")
+    assert report.out_dir == root / "ft-inherit" / "report"
+    assert "pre" in page and "ft-inherit" in page and "perplexity" in page
+    assert any("fine-tuned from the model of pre" in note for note in report.notes)
 
 
 def test_baseline_checkpoint_fine_tunes_as_baseline(pretrained, tmp_path):
