@@ -195,6 +195,12 @@ def apply_saobp(model, variant: str = "bp-high", gamma: float | None = None, str
         if settings.layers is not None and not indexed:
             raise AttnprobeError(f"{type(model).__name__} ({config.model_type}) shares one attention module across "
                                  "its layers, so SAOBP cannot be restricted to some layers; use layers='all'")
+        if settings.layers is not None and any(getattr(m, "layer_idx", None) is None and hasattr(m, "_attnprobe_layer")
+                                               for m in model.modules()):
+            # the layer tags verify_backend set live only in this session: a reloaded model could not tell
+            raise AttnprobeError(f"{type(model).__name__} ({config.model_type}) has attention modules without a "
+                                 "layer index, so a saved copy could not restrict SAOBP to some layers; use "
+                                 "layers='all'")
     except BaseException:
         _restore(model, previous)
         raise
