@@ -46,6 +46,7 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights, which can run code. Only for trusted files.")]
 TrustRemote = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run a checkpoint's own Python code. Only for trusted sources.")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run already in --out.")]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder, alias or cached hub id instead of MODEL's.")]
 
 def _threshold(flag: str, rule: str, default: float):
     return Annotated[Optional[float], typer.Option(f"--{flag}", help=f"Flag threshold: {rule} (default: {default}).")]
@@ -117,13 +118,15 @@ def _output_folder(out: Path | None, kind: str, overwrite: bool):
     from attnprobe import outputs
 
     existed = out is not None and Path(out).exists()
-    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)
+    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)  # takes the folder's lock
     try:
         yield path
     except BaseException:
+        outputs.release(path)
         if not existed and path.exists() and not (path / outputs.RUN_JSON).exists():
             shutil.rmtree(path, ignore_errors=True)
         raise
+    outputs.release(path)
 
 
 def _progress(enabled: bool, description: str, total: int | None = None):
@@ -173,10 +176,12 @@ def scan(
     device: Device = None,
     dtype: Dtype = None,
     per_example: Annotated[Optional[bool], typer.Option("--per-example/--no-per-example", help="Also write examples.parquet (one row per example, layer, head).")] = None,
+    patterns: Annotated[Optional[int], typer.Option("--patterns", metavar="N", help="Keep every head's full attention for N short examples in patterns.parquet; 0 turns it off (default: 4).")] = None,
     seed: Seed = None,
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    tokenizer: TokenizerOpt = None,
     entropy_collapse: _threshold("entropy-collapse", "normalized direct entropy below it", 0.15) = None,
     low_gtd: _threshold("low-gtd", "GTD below it", 0.05) = None,
     high_gtd: _threshold("high-gtd", "GTD above it", 0.60) = None,
@@ -193,7 +198,8 @@ def scan(
             "out": str(out) if out else None, "text_column": text_column, "text_pair_column": text_pair_column,
             "encoding": encoding, "num_layers": num_layers, "hops": hops, "batch_size": batch_size,
             "max_length": max_length, "limit": limit, "device": device, "dtype": dtype, "per_example": per_example,
-            "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "patterns": patterns, "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "tokenizer": tokenizer,
             "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
         })
@@ -208,7 +214,7 @@ def scan(
         world = parallel.current_world(cfg.device)
         loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=parallel.device_for(world, cfg.device),
                                    dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
         show = not as_json and sys.stderr.isatty() and world.is_main
         folder = (_output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
                   else contextlib.nullcontext(None))
@@ -252,6 +258,10 @@ def _print_scan(result, out_dir: Path, as_json: bool) -> None:
                 {"layer": int(r.layer), "head": int(r.head), "reasons": _reasons(r)}
                 for r in result.heads.itertuples() if _reasons(r)
             ],
+            "flagged_heads": [
+                {"layer": int(r.layer), "head": int(r.head), "flags": [n for n in _FLAG_NAMES if bool(getattr(r, n))]}
+                for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES)
+            ],
             "sequences": result.meta["data"]["sequences_scanned"],
             "wall_time_s": result.meta["wall_time_s"],
         }
@@ -269,8 +279,32 @@ def _print_scan(result, out_dir: Path, as_json: bool) -> None:
                       f"{int(r.flagged_heads)}/{int(r.heads)}")
     console = _console()
     console.print(table)
+    _print_flagged(result, console)
     files = "heads.parquet, layers.parquet" + (", examples.parquet" if meta["options"]["per_example"] else "")
+    files += ", patterns.parquet" if result.patterns is not None else ""
     console.print(f"wrote {out_dir}/ ({files}, run.json)", markup=False)
+
+
+_FLAG_NAMES = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse")
+FLAGGED_LINES = 20  # flagged heads listed after the table; the rest are counted
+
+
+def _print_flagged(result, console) -> None:
+    """After the table: each flagged head with its reasons (values against thresholds), up to a screenful."""
+    from attnprobe.reporttypes import flag_reasons, run_thresholds
+
+    flagged = [r for r in result.heads.to_dict("records") if any(bool(r.get(n)) for n in (*_FLAG_NAMES, "nonfinite_flag"))]
+    if not flagged:
+        console.print("no head is flagged", markup=False)
+        return
+    thresholds = run_thresholds(result.meta)
+    console.print(f"flagged heads ({len(flagged)} of {len(result.heads)}):", markup=False)
+    for r in flagged[:FLAGGED_LINES]:
+        console.print(f"  layer {int(r['layer'])} head {int(r['head'])}: {'; '.join(flag_reasons(r, thresholds))}",
+                      markup=False, soft_wrap=True)
+    if len(flagged) > FLAGGED_LINES:
+        console.print(f"  ... and {len(flagged) - FLAGGED_LINES} more (heads.parquet, or `attnprobe report`)",
+                      markup=False)
 
 
 def _reasons(row) -> list[str]:
@@ -283,7 +317,7 @@ def refine(
     model: ModelArg = None,
     train: Annotated[Optional[Path], typer.Option("--train", metavar="FILE", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", metavar="FILE", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: bp-high).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: the checkpoint's own SAOBP settings, else bp-high).")] = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Override the variant's gamma = 1 - exp(J), in [0, 1).")] = None,
@@ -313,9 +347,15 @@ def refine(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
+    tokenizer: TokenizerOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
-    """Fine-tune MODEL for sequence classification with SAOBP attention; diagnostics before and after."""
+    """Fine-tune MODEL (sequence classification, or masked-LM pretraining) with SAOBP attention; diagnostics
+    before and after."""
     with _errors():
         from attnprobe.config import RefineConfig, build_config
 
@@ -329,10 +369,14 @@ def refine(
             "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
             "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
         })
-        from attnprobe import refine as refine_mod, summaries
+        from attnprobe import outputs, refine as refine_mod, summaries
 
-        result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        try:
+            result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        finally:
+            outputs.release_all()  # the run folder's lock, taken when refine prepared it
         if not result.is_main:  # under torchrun / accelerate only the main process reports
             return
         if as_json:
@@ -358,6 +402,51 @@ def report(
         console = _console()
         for note in result.notes:
             console.print(note, markup=False)
+        if result.html:
+            console.print(f"wrote {result.html}", markup=False)
+        if result.pngs:
+            console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
+
+
+@app.command()
+def show(
+    model: ModelArg = None,
+    text: Annotated[Optional[str], typer.Option("--text", metavar="TEXT", help="The sentence to draw.")] = None,
+    pair: Annotated[Optional[str], typer.Option("--pair", metavar="TEXT", help="A second sentence, read as a pair with --text.")] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", metavar="L", help="Draw the heads of layer L large (repeatable; from 0).")] = None,
+    head: Annotated[Optional[list[int]], typer.Option("--head", metavar="H", help="Draw head H large (repeatable; from 0); with --layer, only those layers.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Output folder (default: a new folder under ./attnprobe-runs/).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, png or both.")] = "both",
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Read at most this many tokens (default: 64).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder or alias.")] = None,
+    num_layers: NumLayers = None,
+    hops: Hops = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    allow_pickle: AllowPickle = None,
+    trust_remote_code: TrustRemote = None,
+):
+    """Draw the attention of one sentence (or pair) over its tokens, with its per-head metrics."""
+    with _errors():
+        from dataclasses import replace
+
+        from attnprobe.config import ShowConfig
+
+        values = {"model": model, "text": text, "pair": pair, "layers": tuple(layer) if layer else None,
+                  "heads": tuple(head) if head else None, "out": str(out) if out else None, "format": fmt,
+                  "max_tokens": max_tokens, "tokenizer": tokenizer, "num_layers": num_layers, "hops": hops,
+                  "device": device, "dtype": dtype, "allow_pickle": allow_pickle,
+                  "trust_remote_code": trust_remote_code}
+        cfg = replace(ShowConfig(), **{k: v for k, v in values.items() if v is not None}).validate()
+        from attnprobe.show import show as show_sentence
+
+        result = show_sentence(cfg)
+        console = _console()
+        for note in result.notes:
+            console.print(f"note: {note}", markup=False, soft_wrap=True)
+        flagged = sum(1 for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES))
+        console.print(f"{len(result.tokens)} tokens; {flagged} of {len(result.heads)} heads flagged on this sentence",
+                      markup=False)
         if result.html:
             console.print(f"wrote {result.html}", markup=False)
         if result.pngs:

@@ -23,6 +23,7 @@ else:  # pragma: no cover
 
 DEFAULT_MODEL = "minilm-l6"
 VARIANTS = {"baseline": None, "bp-low": 0.5, "bp-high": 0.9}
+TASKS = ("sequence-classification", "masked-lm")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ScanConfig:
     device: str = "auto"
     dtype: str = "float32"
     per_example: bool = False
+    patterns: int = 4  # keep the full attention of this many short examples (patterns.parquet); 0 = off
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -79,6 +81,9 @@ class ScanConfig:
             raise AttnprobeError(f"--limit must be 1 or more (got {self.limit})")
         if self.data is not None and self.text:
             raise AttnprobeError("pass either --data FILE or --text TEXT, not both")
+        if not 0 <= self.patterns <= 64:
+            raise AttnprobeError(f"--patterns must be 0 (off) to 64 (got {self.patterns}); each kept example "
+                                 "holds every head's full attention")
         self.thresholds.validate()
         return self
 
@@ -91,7 +96,7 @@ class RefineConfig:
     train: str | None = None
     eval: str | None = None
     out: str | None = None
-    variant: str = "bp-high"
+    variant: str | None = None  # None: the checkpoint's own SAOBP settings, else bp-high (refine_settings.py)
     gamma: float | None = None
     strength: float = 1.0
     bp_layers: str = "all"
@@ -122,13 +127,27 @@ class RefineConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     tokenizer: str | None = None
+    task: str = "sequence-classification"
+    init: str | None = None
+    max_steps: int | None = None
+    eval_every: int | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> RefineConfig:
         _check_common(self)
         if self.train is None:
             raise AttnprobeError("refine needs --train FILE (a labelled .tsv/.csv/.jsonl/.parquet file)")
-        if self.variant not in VARIANTS:
+        if self.task not in TASKS:
+            raise AttnprobeError(f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.init is not None and self.task != "masked-lm":
+            raise AttnprobeError("--init builds a fresh model to pretrain; use it with --task masked-lm")
+        if self.init is not None and self.num_layers is not None:
+            raise AttnprobeError("--init sets the number of layers itself (e.g. L4-H256); drop --num-layers")
+        for name in ("max_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be 1 or more (got {value})")
+        if self.variant is not None and self.variant not in VARIANTS:
             raise AttnprobeError(f"unknown --variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.gamma is not None and not 0.0 <= self.gamma < 1.0:
             raise AttnprobeError(f"--gamma must be in [0, 1) (got {self.gamma})")
@@ -152,7 +171,51 @@ class RefineConfig:
         """gamma of the variant unless ``--gamma`` overrides it; 0.0 for baseline."""
         if self.gamma is not None:
             return self.gamma
-        return VARIANTS[self.variant] or 0.0
+        return VARIANTS[self.variant or "bp-high"] or 0.0
+
+
+@dataclass(frozen=True)
+class ShowConfig:
+    """Options of ``attnprobe show``."""
+
+    model: str = DEFAULT_MODEL
+    text: str | None = None
+    pair: str | None = None
+    layers: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    out: str | None = None
+    format: str = "both"
+    max_tokens: int = 64
+    num_layers: int | None = None
+    hops: int = 2
+    device: str = "auto"
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def validate(self) -> ShowConfig:
+        if not self.text or not self.text.strip():
+            raise AttnprobeError("show needs --text TEXT (the sentence to draw; --pair adds a second one)")
+        if self.format not in ("html", "png", "both"):
+            raise AttnprobeError(f"unknown --format {self.format!r}; choose html, png or both")
+        if self.max_tokens < 2:
+            raise AttnprobeError(f"--max-tokens must be 2 or more (got {self.max_tokens})")
+        if self.hops < 2:
+            raise AttnprobeError(f"--hops must be 2 or more (got {self.hops})")
+        bad = [x for x in (*self.layers, *self.heads) if x < 0]
+        if bad:
+            raise AttnprobeError(f"--layer and --head count from 0 (got {bad[0]})")
+        _check_common(replace_batch(self))
+        self.thresholds.validate()
+        return self
+
+
+def replace_batch(cfg: Any) -> Any:
+    """``cfg`` seen with the fields ``_check_common`` reads (show has no batch size or max length)."""
+    return types.SimpleNamespace(batch_size=1, max_length=None, num_layers=cfg.num_layers, device=cfg.device,
+                                 dtype=cfg.dtype)
 
 
 @dataclass(frozen=True)

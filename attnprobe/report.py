@@ -11,91 +11,19 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnprobe import AttnprobeError, __version__, outputs
 from attnprobe.config import ReportConfig, Thresholds
+from attnprobe.reporttypes import (  # noqa: F401  (re-exported: the report's data types live there)
+    FLAGS, METRICS, REQUIRED_HEAD_COLUMNS, REQUIRED_HISTORY_COLUMNS, REQUIRED_LAYER_COLUMNS, Plot,
+    ReportResult, Run, flag_reasons, run_thresholds)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 HTML_NAME = "report.html"
-METRICS = (
-    "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
-    "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift",
-)
-FLAGS = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "collapsed", "nonfinite_flag")
-# The columns a report cannot be drawn without; the others are used where present.
-REQUIRED_HEAD_COLUMNS = ("layer", "head", "direct_entropy_norm", "indirect_entropy_norm", "gtd")
-REQUIRED_LAYER_COLUMNS = ("layer", "direct_entropy_norm", "indirect_entropy_norm", "gtd")
-REQUIRED_HISTORY_COLUMNS = ("epoch",)
-
-
-@dataclass
-class ReportResult:
-    """What ``write_report`` wrote: the folder, the HTML page (None for ``fmt="png"``), the PNGs, notes."""
-
-    out_dir: Path
-    html: Path | None = None
-    pngs: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Run:
-    """One loaded run folder. ``heads`` of a refine run is its last epoch of diagnostics.parquet."""
-
-    path: Path
-    name: str  # file-name safe ([A-Za-z0-9._-]) and unique within one report
-    meta: dict[str, Any]
-    heads: pd.DataFrame  # one row per (layer, head), with a boolean ``flagged`` column added
-    layers: pd.DataFrame  # one row per layer: metric means, ``heads``, ``flagged_heads``
-    flagged: pd.DataFrame  # the flagged heads: layer, head, a few values, reasons
-    history: pd.DataFrame | None = None  # refine only
-    epoch_layers: dict[float, pd.DataFrame] = field(default_factory=dict)  # refine only: epoch -> layers
-
-    @property
-    def kind(self) -> str:
-        return str(self.meta.get("kind", "scan"))
-
-    @property
-    def variant(self) -> str | None:
-        variant = self.meta.get("variant")
-        return None if variant is None else str(variant)
-
-    @property
-    def label(self) -> str:
-        """The run's name in legends and tables: folder name plus variant for refine runs."""
-        return f"{self.name} ({self.variant})" if self.variant else self.name
-
-    @property
-    def model_name(self) -> str:
-        model = self.meta.get("model")
-        if isinstance(model, dict):
-            return str(model.get("name") or model.get("path") or "?")
-        return str(model or "?")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(layers, heads) of the per-head grid."""
-        return int(self.heads["layer"].max()) + 1, int(self.heads["head"].max()) + 1
-
-    @property
-    def thresholds(self) -> Thresholds:
-        return run_thresholds(self.meta)
-
-
-@dataclass
-class Plot:
-    """One rendered figure: its PNG file name, title and caption, and the run it belongs to (None: all)."""
-
-    file: str
-    title: str
-    caption: str
-    png: bytes
-    run: str | None = None
 
 
 def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt: str = "both") -> ReportResult:
@@ -117,6 +45,11 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         latest = find_latest_run()
         notes.append(f"No run folder was given; this reports the newest finished run, {latest}.")
         paths = [latest]
+    given = paths
+    from attnprobe import lineage
+
+    paths, lineage_notes = lineage.with_parents(paths)
+    notes.extend(lineage_notes)
     loaded = [load_run(p) for p in paths]
     _unique_names(loaded, notes)
     for run in loaded:
@@ -135,16 +68,24 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
 
     if out is not None:
         out_dir = Path(out)
-    elif len(loaded) == 1:
-        out_dir = paths[0] / "report"
+    elif len(given) == 1:
+        out_dir = given[0] / "report"
     else:
         out_dir = outputs.new_run_dir("compare")
-    _make_out_dir(out_dir)
+    created = not out_dir.exists()
+    make_out_dir(out_dir)
     result = ReportResult(out_dir=out_dir, notes=notes)
-    if fmt in ("png", "both"):
-        result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
-    if page is not None:
-        result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    try:
+        if fmt in ("png", "both"):
+            result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
+        if page is not None:
+            result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    except BaseException:
+        if created:  # a failed report leaves no folder behind
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return result
 
 
@@ -187,6 +128,7 @@ def load_run(path: str | Path) -> Run:
                 layer_means(heads)[["layer", "heads", "flagged_heads"]], on="layer", how="left")
         layers = layers.sort_values("layer", ignore_index=True)
         run = Run(path, name, meta, heads, layers, flagged_table(heads, run_thresholds(meta)))
+        run.patterns = _read_patterns(path)
     elif kind == "refine":
         diagnostics = _read_parquet(path, outputs.DIAGNOSTICS, "refine", (*REQUIRED_HEAD_COLUMNS, "epoch"))
         history = _read_parquet(path, outputs.HISTORY, "refine", REQUIRED_HISTORY_COLUMNS)
@@ -204,7 +146,44 @@ def load_run(path: str | Path) -> Run:
         raise AttnprobeError(
             f"{path / outputs.RUN_JSON} says kind {kind!r}; report reads runs of attnprobe scan or refine"
         )
+    run.extremes = extreme_table(run.heads)
     return run
+
+
+def _read_patterns(run_dir: Path) -> list:
+    """The kept attention patterns of a scan (patterns.parquet), or [] when the scan kept none."""
+    from attnprobe import patterns
+
+    path = run_dir / outputs.PATTERNS
+    if not path.is_file():
+        return []
+    df = _read_parquet(run_dir, outputs.PATTERNS, "scan", patterns.COLUMNS, allow_empty=True)
+    try:
+        return patterns.from_frame(df)
+    except ValueError as exc:
+        raise AttnprobeError(f"{path} is not a complete set of patterns ({exc}); rerun the scan") from None
+
+
+def extreme_table(heads: pd.DataFrame, per_end: int = 2) -> pd.DataFrame:
+    """The most extreme heads, flagged or not: highest and lowest GTD and normalized direct entropy."""
+    import pandas as pd
+
+    rows, seen = [], set()
+    for column, words in (("gtd", "GTD"), ("direct_entropy_norm", "normalized direct entropy")):
+        values = pd.to_numeric(heads[column], errors="coerce")
+        ranked = heads.assign(_v=values).dropna(subset=["_v"]).sort_values(["_v", "layer", "head"], kind="stable")
+        for end, picked in (("highest", ranked.iloc[::-1][:per_end]), ("lowest", ranked[:per_end])):
+            for rec in picked.to_dict("records"):
+                key = (int(rec["layer"]), int(rec["head"]))
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append({"extreme": f"{end} {words}", "layer": key[0], "head": key[1], "gtd": rec["gtd"],
+                             "direct_entropy_norm": rec["direct_entropy_norm"],
+                             "sink_mass": rec.get("sink_mass", float("nan")),
+                             "flagged": "yes" if rec.get("flagged") else "no"})
+    columns = ["extreme", "layer", "head", "gtd", "direct_entropy_norm", "sink_mass", "flagged"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def layer_means(heads: pd.DataFrame) -> pd.DataFrame:
@@ -240,29 +219,9 @@ def flagged_table(heads: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def flag_reasons(rec: dict[str, Any], t: Thresholds) -> list[str]:
-    """Why one head (a heads.parquet row as a dict) is flagged, in words with its value and threshold."""
-    reasons = []
-    h = rec.get("direct_entropy_norm")
-    if rec.get("entropy_collapse"):
-        reasons.append(f"entropy collapse (normalized direct entropy {_num(h)} < {t.entropy_collapse:g})")
-    if rec.get("low_gtd"):
-        reasons.append(f"low GTD ({_num(rec.get('gtd'))} < {t.low_gtd:g})")
-    if rec.get("high_gtd"):
-        reasons.append(f"high GTD ({_num(rec.get('gtd'))} > {t.high_gtd:g})")
-    if rec.get("sink"):
-        reasons.append(f"sink (sink mass {_num(rec.get('sink_mass'))} > {t.sink:g})")
-    if rec.get("diffuse"):
-        reasons.append(f"diffuse (normalized direct entropy {_num(h)} > {t.diffuse:g})")
-    if rec.get("collapsed") and not (rec.get("entropy_collapse") or rec.get("low_gtd")):
-        reasons.append("collapsed")
-    if rec.get("nonfinite_flag"):
-        reasons.append(f"non-finite attention ({rec.get('nonfinite', '?')} rows with NaN/Inf)")
-    return reasons
-
-
 def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per run: model, variant, final accuracy (refine), mean GTD and entropy, flagged heads."""
+    """One row per run: model, variant, task, final accuracy or perplexity (refine), mean GTD and entropy,
+    flagged heads."""
     import pandas as pd
 
     rows = []
@@ -272,7 +231,9 @@ def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
             "run": run.name,
             "model": run.model_name,
             "variant": run.variant or run.kind,
+            "task": run.meta.get("task", "sequence-classification") if run.kind == "refine" else None,
             "accuracy": final.get("accuracy"),
+            "perplexity": final.get("perplexity"),
             "mean GTD": float(run.heads["gtd"].mean()),
             "mean normalized direct entropy": float(run.heads["direct_entropy_norm"].mean()),
             "flagged heads": f"{int(run.heads['flagged'].sum())} / {len(run.heads)}",
@@ -287,18 +248,6 @@ def run_notes(run: Run) -> list[str]:
         n = int(run.heads["nonfinite_flag"].sum())
         notes.append(f"{run.name}: {n} head(s) had attention rows with NaN/Inf; their metrics leave those rows out.")
     return notes
-
-
-def run_thresholds(meta: dict[str, Any]) -> Thresholds:
-    """The thresholds a run was flagged with (run.json), falling back to the defaults for missing keys."""
-    stored = meta.get("thresholds")
-    if not isinstance(stored, dict):
-        return Thresholds()
-    values = asdict(Thresholds())
-    for key in values:
-        if isinstance(stored.get(key), (int, float)) and not isinstance(stored.get(key), bool):
-            values[key] = float(stored[key])
-    return Thresholds(**values)
 
 
 def sanitize_name(name: str) -> str:
@@ -324,7 +273,8 @@ def _unique_names(runs: Sequence[Run], notes: list[str]) -> None:
         seen.add(name)
 
 
-def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str]) -> pd.DataFrame:
+def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str],
+                  allow_empty: bool = False) -> pd.DataFrame:
     import pandas as pd
     import pyarrow as pa
 
@@ -343,7 +293,7 @@ def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str
         raise AttnprobeError(
             f"{path} lacks the column(s) {', '.join(missing)}; rerun the {command} with attnprobe {__version__}"
         )
-    if df.empty:
+    if df.empty and not allow_empty:
         raise AttnprobeError(f"{path} has no rows; rerun the {command}")
     return df
 
@@ -374,7 +324,7 @@ def _check_heads(heads: pd.DataFrame, path: Path, command: str, keys: Sequence[s
     return heads
 
 
-def _make_out_dir(out_dir: Path) -> None:
+def make_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise AttnprobeError(f"output path {out_dir} is a file; pass a folder with --out")
     try:
@@ -383,10 +333,3 @@ def _make_out_dir(out_dir: Path) -> None:
         raise AttnprobeError(
             f"cannot create the report folder {out_dir} ({exc.strerror or exc}); choose a writable --out"
         ) from None
-
-
-def _num(value: Any) -> str:
-    try:
-        return f"{float(value):.3f}"
-    except (TypeError, ValueError):
-        return "?"
