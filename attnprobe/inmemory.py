@@ -129,15 +129,24 @@ def probing(model: Any, tokenizer: Any, name: str | None = None) -> Iterator[mod
                                      "through transformers' AttentionInterface, so they cannot take effect")
             _set_attention(model, "eager")
             backend = "eager-outputs"
+        from attnprobe import encoders
+
+        with models._quiet():  # load_model's capability checks: structure, probability rows, padding
+            capability = encoders.inspect(model, tokenizer, backend)
+        if backend == "attnprobe" and capability.num_layers != num_layers:
+            raise AttnprobeError(f"the model made {capability.num_layers} attention calls for {num_layers} "
+                                 "layers; attnprobe cannot map them to layers")
         device = next(model.parameters()).device
         info = {"name": name or f"in-memory {type(model).__name__}", "path": None, "source": "memory",
                 "architecture": type(model).__name__, "model_type": model.config.model_type,
-                "layers": num_layers, "heads": num_heads_of(model),
+                "layers": capability.num_layers, "heads": capability.num_heads, "padding": capability.padding,
+                "attention_read_as": "softmax of output_attentions" if capability.recover else None,
                 "hidden_size": getattr(model.config, "hidden_size", getattr(model.config, "dim", None)),
                 "max_positions": getattr(model.config, "max_position_embeddings", None),
                 "saobp": settings.to_json() if settings else None}
         yield models.LoadedModel(model=model, tokenizer=tokenizer, info=info, backend=backend,
-                                 num_layers=num_layers, num_heads=num_heads_of(model), saobp=settings, device=device)
+                                 num_layers=capability.num_layers, num_heads=capability.num_heads, saobp=settings,
+                                 device=device, padding=capability.padding, recover=capability.recover)
     finally:
         if model.config._attn_implementation != previous:
             _set_attention(model, previous)
