@@ -129,15 +129,24 @@ def probing(model: Any, tokenizer: Any, name: str | None = None) -> Iterator[mod
                                      "through transformers' AttentionInterface, so they cannot take effect")
             _set_attention(model, "eager")
             backend = "eager-outputs"
+        from attnprobe import encoders
+
+        with models._quiet():  # load_model's capability checks: structure, probability rows, padding
+            capability = encoders.inspect(model, tokenizer, backend)
+        if backend == "attnprobe" and capability.num_layers != num_layers:
+            raise AttnprobeError(f"the model made {capability.num_layers} attention calls for {num_layers} "
+                                 "layers; attnprobe cannot map them to layers")
         device = next(model.parameters()).device
         info = {"name": name or f"in-memory {type(model).__name__}", "path": None, "source": "memory",
                 "architecture": type(model).__name__, "model_type": model.config.model_type,
-                "layers": num_layers, "heads": num_heads_of(model),
+                "layers": capability.num_layers, "heads": capability.num_heads, "padding": capability.padding,
+                "attention_read_as": "softmax of output_attentions" if capability.recover else None,
                 "hidden_size": getattr(model.config, "hidden_size", getattr(model.config, "dim", None)),
                 "max_positions": getattr(model.config, "max_position_embeddings", None),
                 "saobp": settings.to_json() if settings else None}
         yield models.LoadedModel(model=model, tokenizer=tokenizer, info=info, backend=backend,
-                                 num_layers=num_layers, num_heads=num_heads_of(model), saobp=settings, device=device)
+                                 num_layers=capability.num_layers, num_heads=capability.num_heads, saobp=settings,
+                                 device=device, padding=capability.padding, recover=capability.recover)
     finally:
         if model.config._attn_implementation != previous:
             _set_attention(model, previous)
@@ -195,6 +204,12 @@ def apply_saobp(model, variant: str = "bp-high", gamma: float | None = None, str
         if settings.layers is not None and not indexed:
             raise AttnprobeError(f"{type(model).__name__} ({config.model_type}) shares one attention module across "
                                  "its layers, so SAOBP cannot be restricted to some layers; use layers='all'")
+        if settings.layers is not None and any(getattr(m, "layer_idx", None) is None and hasattr(m, "_attnprobe_layer")
+                                               for m in model.modules()):
+            # the layer tags verify_backend set live only in this session: a reloaded model could not tell
+            raise AttnprobeError(f"{type(model).__name__} ({config.model_type}) has attention modules without a "
+                                 "layer index, so a saved copy could not restrict SAOBP to some layers; use "
+                                 "layers='all'")
     except BaseException:
         _restore(model, previous)
         raise
