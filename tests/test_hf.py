@@ -183,3 +183,20 @@ def test_data_file_and_rows_appended_to_an_existing_file(folder, tmp_path):
     assert len(both) == 2 * len(first)
     pd.testing.assert_frame_equal(both.iloc[:len(first)], first)
     json.dumps(both.to_dict(orient="records"), default=str)
+
+
+def test_the_documented_example_script_runs(folder, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "train_with_callback.py"
+    assert "examples/train_with_callback.py" in (root / "docs" / "integrations.md").read_text(encoding="utf-8")
+    out = tmp_path / "example"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(folder), "--out", str(out), "--max-steps", "8"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.read_parquet(out / DIAGNOSTICS_FILE)
+    assert sorted(rows["step"].unique()) == [0, 4, 8]
+    assert list(out.rglob("events.out.tfevents*"))
