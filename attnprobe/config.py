@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_MODEL = "minilm-l6"
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio")  # refine --report-to: the Trainer's trackers
 VARIANTS = {"baseline": None, "bp-low": 0.5, "bp-high": 0.9}
 TASKS = ("sequence-classification", "masked-lm")
 
@@ -131,6 +132,8 @@ class RefineConfig:
     init: str | None = None
     max_steps: int | None = None
     eval_every: int | None = None
+    diagnose_every: int | None = None
+    report_to: str = "none"
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> RefineConfig:
@@ -143,7 +146,9 @@ class RefineConfig:
             raise AttnprobeError("--init builds a fresh model to pretrain; use it with --task masked-lm")
         if self.init is not None and self.num_layers is not None:
             raise AttnprobeError("--init sets the number of layers itself (e.g. L4-H256); drop --num-layers")
-        for name in ("max_steps", "eval_every"):
+        if self.report_to not in REPORT_TO:
+            raise AttnprobeError(f"unknown --report-to {self.report_to!r}; choose one of {', '.join(REPORT_TO)}")
+        for name in ("max_steps", "eval_every", "diagnose_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AttnprobeError(f"--{name.replace('_', '-')} must be 1 or more (got {value})")

@@ -255,6 +255,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     use_cpu = _resolve_device(cfg)
     out = out_dir(cfg)
     resume_from = check_folder(cfg, out)
+    training.report_to(cfg.report_to)  # a missing tracker package fails before any slow work
     train_data, eval_data = (mlm.prepare_documents if masked_lm else prepare_data)(cfg)
     names = train_data.label_names
     with tempfile.TemporaryDirectory(prefix="attnprobe-init-") as fresh:
@@ -279,7 +280,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         collator, metrics_fn = DataCollatorWithPadding(tokenizer), training.MetricsFn(len(names))
 
     args = training.training_arguments(cfg, out / CHECKPOINTS, use_cpu=use_cpu, show_progress=show_progress,
-                                       eval_on_start=resume_from is None)  # epoch 0: before any training
+                                       eval_on_start=resume_from is None,  # epoch 0: before any training
+                                       trackers=training.report_to(cfg.report_to))
     state = PartialState()  # set up by the TrainingArguments above
     is_main = state.is_main_process
     barrier = state.wait_for_everyone
@@ -290,7 +292,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     probing = not masked_lm and evalprobe.supported(loaded, args)
     eval_probe = evalprobe.EvalProbe.for_model(loaded, cfg.hops) if probing else None
     recorder = training.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant, eval_probe),
-                                      is_main=is_main, settings=run_settings)
+                                      is_main=is_main, settings=run_settings, diagnose_every=cfg.diagnose_every)
     if resume_from is not None:
         progress = training.read_progress(resume_from)
         check_resume(progress, run_settings, resume_from)
@@ -302,7 +304,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         data_collator=collator, compute_metrics=metrics_fn,
         preprocess_logits_for_metrics=mlm.token_nll if masked_lm else None,
-        callbacks=[recorder, timer := training.StepTimer(), *(callbacks or [])],
+        callbacks=[recorder, timer := training.StepTimer(), *(callbacks or []),
+                   *training.tensorboard_callbacks(cfg.report_to, out, is_main=is_main)],
         eval_probe=eval_probe)  # diagnostics from the eval pass where it can carry the probe
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
     if show_progress:

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from attnprobe import outputs
+from attnprobe import AttnprobeError, outputs
 
 PROGRESS_JSON = "attnprobe-progress.json"  # epoch-level rows so far, stored inside each checkpoint folder
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -132,7 +132,8 @@ def encode_examples(tokenizer, texts: list[str], pairs: list[str] | None, label_
 # ---- arguments -----------------------------------------------------------------------------------
 
 
-def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: bool, eval_on_start: bool = True):
+def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: bool, eval_on_start: bool = True,
+                       trackers: list[str] | None = None):
     """TrainingArguments for a RefineConfig: evaluate, log and save (unless ``--no-checkpoints``) once per
     epoch, nothing reported.
 
@@ -169,7 +170,7 @@ def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: 
         # the classification loss is a per-process mean; token averaging would scale it (and the eval loss)
         # by the number of processes
         average_tokens_across_devices=False,
-        report_to=[],
+        report_to=list(trackers or []),  # --report-to (report_to below; TensorBoard is added as a callback)
         disable_tqdm=not show_progress,
         use_cpu=use_cpu,
         bf16=cfg.dtype == "bfloat16",
@@ -258,11 +259,14 @@ class EpochRecorder(TrainerCallback):
             share of the eval set and the sums are all-reduced).
         is_main: whether this process keeps the rows and writes files.
         settings: what the run was started with, stored with the rows to check a resume against.
+        diagnose_every: also diagnose after every this many steps that no evaluation follows (--diagnose-every).
     """
 
     def __init__(self, diagnose: Callable[[Any, float, int], list[dict]], *, is_main: bool,
-                 settings: dict[str, Any]):
+                 settings: dict[str, Any], diagnose_every: int | None = None):
         self.diagnose = diagnose
+        self.diagnose_every = diagnose_every
+        self._stepped: tuple[int, int] | None = None  # (step, rows before) of the latest --diagnose-every rows
         self.is_main = is_main
         self.settings = settings
         self.history: list[dict[str, Any]] = []
@@ -276,6 +280,14 @@ class EpochRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self._pending_loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # DefaultFlowCallback ran first: at a step it evaluates, the evaluation takes the diagnostics
+        if self.diagnose_every and state.global_step % self.diagnose_every == 0 and not control.should_evaluate:
+            rows = self.diagnose(model, round(float(state.epoch or 0.0), 4), int(state.global_step))  # collective
+            self._stepped = (int(state.global_step), len(self.diagnostics))
+            if self.is_main:
+                self.diagnostics.extend(rows)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         metrics = metrics or {}
@@ -292,6 +304,8 @@ class EpochRecorder(TrainerCallback):
         })
         self._pending_loss = float("nan")
         rows = self.diagnose(model, epoch, step)  # a collective (all-reduce): every process takes part
+        if self._stepped is not None and self._stepped[0] == step:  # an epoch's last step: keep the evaluation's
+            del self.diagnostics[self._stepped[1]:]
         if self.is_main:
             self.diagnostics.extend(rows)
 
@@ -346,3 +360,37 @@ def newest_checkpoint(checkpoints: Path) -> Path | None:
         if m and child.is_dir() and (child / PROGRESS_JSON).is_file():
             found.append((int(m.group(1)), child))
     return max(found)[1] if found else None
+
+
+# ---- experiment trackers (--report-to) ---------------------------------------------------------------
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "trackio": ("trackio",)}
+TENSORBOARD_DIR = "tensorboard"
+
+
+def report_to(name: str) -> list[str]:
+    """The Trainer's ``report_to`` for ``--report-to NAME``, after checking that the tracker's package is there.
+
+    TensorBoard is not in it: ``tensorboard_callbacks`` adds transformers' TensorBoardCallback with a writer
+    for ``RUN_DIR/tensorboard`` (not under checkpoints/, which ``--no-checkpoints`` removes). The other
+    trackers log where they are configured to (wandb/, mlruns/, ...).
+    """
+    import importlib.util
+
+    if name == "none":
+        return []
+    if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
+        raise AttnprobeError(f"--report-to {name} needs the {TRACKER_PACKAGES[name][0]} package; install it with "
+                             f"`pip install 'attnprobe[{name}]'`")
+    return [] if name == "tensorboard" else [name]
+
+
+def tensorboard_callbacks(name: str, out: Path, *, is_main: bool) -> list[TrainerCallback]:
+    """TensorBoardCallback writing into ``out/tensorboard`` on the main process, for ``--report-to tensorboard``."""
+    if name != "tensorboard" or not is_main:
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / TENSORBOARD_DIR)))]

@@ -183,3 +183,70 @@ def test_data_file_and_rows_appended_to_an_existing_file(folder, tmp_path):
     assert len(both) == 2 * len(first)
     pd.testing.assert_frame_equal(both.iloc[:len(first)], first)
     json.dumps(both.to_dict(orient="records"), default=str)
+
+
+def test_the_documented_example_script_runs(folder, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "train_with_callback.py"
+    assert "examples/train_with_callback.py" in (root / "docs" / "integrations.md").read_text(encoding="utf-8")
+    out = tmp_path / "example"
+    proc = subprocess.run([sys.executable, str(script), "--model", str(folder), "--out", str(out), "--max-steps", "8"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.read_parquet(out / DIAGNOSTICS_FILE)
+    assert sorted(rows["step"].unique()) == [0, 4, 8]
+    assert list(out.rglob("events.out.tfevents*"))
+
+
+_WORKER = '''
+import sys
+from pathlib import Path
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from attnprobe.hf import AttentionDiagnosticsCallback
+from tests.test_hf import TEXTS, _Examples
+
+folder, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = AutoModelForSequenceClassification.from_pretrained(folder)
+tokenizer = AutoTokenizer.from_pretrained(folder)
+args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=batch, per_device_eval_batch_size=2,
+                         eval_strategy="steps", eval_steps=2, eval_on_start=True, save_strategy="no", report_to=[],
+                         use_cpu=True, disable_tqdm=True, seed=0, dataloader_pin_memory=False)
+trainer = Trainer(model=model, args=args, train_dataset=_Examples(tokenizer, 16), eval_dataset=_Examples(tokenizer, 4),
+                  processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+trainer.add_callback(AttentionDiagnosticsCallback(texts=TEXTS, every_n_steps=1, max_length=32, trainer=trainer))
+trainer.train()
+'''
+
+
+def test_callback_under_two_gloo_processes_equals_one(folder, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(_WORKER, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {}
+    for name, launcher, batch in [("one", [], 4), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                           "--master_port", str(port)], 2)]:
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, *launcher, str(worker), str(folder), str(out), str(batch)],
+                              capture_output=True, text=True, timeout=400, env=env, cwd=root, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = pd.read_parquet(out / DIAGNOSTICS_FILE)
+    one, two = runs["one"], runs["two"]
+    assert one["step"].tolist() == two["step"].tolist()  # written once, by the main process
+    assert sorted(one["step"].unique()) == [0, 1, 2]
+    # each process probes half of the texts; the all-reduced sums cover all of them
+    assert two["queries"].tolist() == one["queries"].tolist()
+    before = one["step"] == 0  # the untrained model: equal up to float summation order
+    np.testing.assert_allclose(_numbers(two[before]), _numbers(one[before]), rtol=1e-6, atol=1e-7, equal_nan=True)
