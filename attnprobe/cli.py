@@ -46,6 +46,7 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights, which can run code. Only for trusted files.")]
 TrustRemote = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run a checkpoint's own Python code. Only for trusted sources.")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run already in --out.")]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder, alias or cached hub id instead of MODEL's.")]
 
 def _threshold(flag: str, rule: str, default: float):
     return Annotated[Optional[float], typer.Option(f"--{flag}", help=f"Flag threshold: {rule} (default: {default}).")]
@@ -117,13 +118,15 @@ def _output_folder(out: Path | None, kind: str, overwrite: bool):
     from attnprobe import outputs
 
     existed = out is not None and Path(out).exists()
-    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)
+    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)  # takes the folder's lock
     try:
         yield path
     except BaseException:
+        outputs.release(path)
         if not existed and path.exists() and not (path / outputs.RUN_JSON).exists():
             shutil.rmtree(path, ignore_errors=True)
         raise
+    outputs.release(path)
 
 
 def _progress(enabled: bool, description: str, total: int | None = None):
@@ -178,6 +181,7 @@ def scan(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    tokenizer: TokenizerOpt = None,
     entropy_collapse: _threshold("entropy-collapse", "normalized direct entropy below it", 0.15) = None,
     low_gtd: _threshold("low-gtd", "GTD below it", 0.05) = None,
     high_gtd: _threshold("high-gtd", "GTD above it", 0.60) = None,
@@ -195,6 +199,7 @@ def scan(
             "encoding": encoding, "num_layers": num_layers, "hops": hops, "batch_size": batch_size,
             "max_length": max_length, "limit": limit, "device": device, "dtype": dtype, "per_example": per_example,
             "patterns": patterns, "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "tokenizer": tokenizer,
             "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
         })
@@ -209,7 +214,7 @@ def scan(
         world = parallel.current_world(cfg.device)
         loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=parallel.device_for(world, cfg.device),
                                    dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
         show = not as_json and sys.stderr.isatty() and world.is_main
         folder = (_output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
                   else contextlib.nullcontext(None))
@@ -312,7 +317,7 @@ def refine(
     model: ModelArg = None,
     train: Annotated[Optional[Path], typer.Option("--train", metavar="FILE", help="Labelled training file (.tsv .csv .jsonl .parquet).")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", metavar="FILE", help="Labelled evaluation file (default: a seeded split of --train).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: bp-high).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="baseline, bp-low or bp-high (default: the checkpoint's own SAOBP settings, else bp-high).")] = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     gamma: Annotated[Optional[float], typer.Option("--gamma", help="Override the variant's gamma = 1 - exp(J), in [0, 1).")] = None,
@@ -342,9 +347,15 @@ def refine(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
+    tokenizer: TokenizerOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
-    """Fine-tune MODEL for sequence classification with SAOBP attention; diagnostics before and after."""
+    """Fine-tune MODEL (sequence classification, or masked-LM pretraining) with SAOBP attention; diagnostics
+    before and after."""
     with _errors():
         from attnprobe.config import RefineConfig, build_config
 
@@ -358,10 +369,14 @@ def refine(
             "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
             "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
         })
-        from attnprobe import refine as refine_mod, summaries
+        from attnprobe import outputs, refine as refine_mod, summaries
 
-        result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        try:
+            result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        finally:
+            outputs.release_all()  # the run folder's lock, taken when refine prepared it
         if not result.is_main:  # under torchrun / accelerate only the main process reports
             return
         if as_json:

@@ -23,6 +23,7 @@ else:  # pragma: no cover
 
 DEFAULT_MODEL = "minilm-l6"
 VARIANTS = {"baseline": None, "bp-low": 0.5, "bp-high": 0.9}
+TASKS = ("sequence-classification", "masked-lm")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class RefineConfig:
     train: str | None = None
     eval: str | None = None
     out: str | None = None
-    variant: str = "bp-high"
+    variant: str | None = None  # None: the checkpoint's own SAOBP settings, else bp-high (refine_settings.py)
     gamma: float | None = None
     strength: float = 1.0
     bp_layers: str = "all"
@@ -126,13 +127,27 @@ class RefineConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     tokenizer: str | None = None
+    task: str = "sequence-classification"
+    init: str | None = None
+    max_steps: int | None = None
+    eval_every: int | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> RefineConfig:
         _check_common(self)
         if self.train is None:
             raise AttnprobeError("refine needs --train FILE (a labelled .tsv/.csv/.jsonl/.parquet file)")
-        if self.variant not in VARIANTS:
+        if self.task not in TASKS:
+            raise AttnprobeError(f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.init is not None and self.task != "masked-lm":
+            raise AttnprobeError("--init builds a fresh model to pretrain; use it with --task masked-lm")
+        if self.init is not None and self.num_layers is not None:
+            raise AttnprobeError("--init sets the number of layers itself (e.g. L4-H256); drop --num-layers")
+        for name in ("max_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AttnprobeError(f"--{name.replace('_', '-')} must be 1 or more (got {value})")
+        if self.variant is not None and self.variant not in VARIANTS:
             raise AttnprobeError(f"unknown --variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.gamma is not None and not 0.0 <= self.gamma < 1.0:
             raise AttnprobeError(f"--gamma must be in [0, 1) (got {self.gamma})")
@@ -156,7 +171,7 @@ class RefineConfig:
         """gamma of the variant unless ``--gamma`` overrides it; 0.0 for baseline."""
         if self.gamma is not None:
             return self.gamma
-        return VARIANTS[self.variant] or 0.0
+        return VARIANTS[self.variant or "bp-high"] or 0.0
 
 
 @dataclass(frozen=True)

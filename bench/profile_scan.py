@@ -6,7 +6,10 @@ Three measurements on one fixed-length batch (the inputs of bench_scan.py):
    plain eager forward of the same batch, interleaved over ``--repeats``;
 2. ``torch.profiler`` on one scan forward: the top operators by self CPU time, grouped by input shape;
 3. the cost of each piece of ``metrics.query_metrics`` / ``query_sums`` on one head chunk of the shape the
-   probe uses, next to an equivalent formulation (checked to agree), interleaved, median of repeats.
+   probe uses, next to an equivalent formulation (checked to agree), interleaved, median of repeats;
+4. ``--parts layer``: one layer's probe time before issue 11 (``bench_scan.BeforeProbe``) and now
+   (``Probe.observe`` with the logits, and without them as on the ``output_attentions`` path), and a
+   breakdown of both by piece, per layer, interleaved, median of repeats.
 
 Nothing here changes the package; the alternatives are measurements for a possible fix.
 
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scan import fixed_batches, load_runner, package_state, special_of  # noqa: E402
+from bench_scan import BeforeProbe, fixed_batches, load_runner, package_state, special_of  # noqa: E402
 
 from attnprobe import metrics  # noqa: E402
 from attnprobe import probe as probe_mod  # noqa: E402
@@ -56,6 +59,19 @@ class Capture:
         if self.calls == self.layer:
             self.probs = probs.clone()
         self.calls += 1
+
+
+class CaptureLogits(probe_mod.Probe):
+    """Stand-in probe that keeps one layer's probabilities and logits (a Probe, so it is handed both)."""
+
+    def __init__(self, num_layers: int, layer: int):
+        super().__init__(num_layers)
+        self.layer, self.seen, self.probs, self.scores = layer, 0, None, None
+
+    def observe(self, module, probs, plain=None, *, scores=None):
+        if self.seen == self.layer:
+            self.probs, self.scores = probs.clone(), scores.clone()
+        self.seen += 1
 
 
 def _usage() -> tuple[float, float, int]:
@@ -219,6 +235,132 @@ def micro(runner, batch, special, repeats: int) -> dict:
     return out
 
 
+def _median_ms(fn, setup=None, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def layer_pieces(probs, scores, keep, special, repeats: int) -> dict:
+    """Per-layer milliseconds of each piece, before (one old block, x blocks) and now (one new block, x blocks)."""
+    B, H, Q, K = probs.shape
+    # before: the old blocking (1 MiB of heads across the batch) and the pure functions
+    h_step = max(1, min(H, BeforeProbe.CHUNK // max(1, B * Q * K)))
+    b_step = B if B * Q * K <= BeforeProbe.CHUNK else max(1, BeforeProbe.CHUNK // max(1, Q * K))
+    old_blocks = -(-B // b_step) * -(-H // h_step)
+    p, kb, sb = probs[:b_step, :h_step], keep[:b_step], special[:b_step]
+    multi = metrics.multi_hop(p, 2)
+    values = metrics.query_metrics(p, kb, sb, 2)
+    spare = torch.empty_like(multi)
+    before = {
+        "A @ A": lambda: metrics.multi_hop(p, 2),
+        "direct entropy": lambda: metrics.direct_entropy(p),
+        "indirect entropy": lambda: metrics.indirect_entropy(multi),
+        "gtd": (lambda: 0.5 * torch.linalg.vector_norm(spare.sub_(p), ord=1, dim=-1), lambda: spare.copy_(multi)),
+        "special mass": lambda: metrics.special_mass(p, sb[:, None, :]),
+        "self/local/first/sink mass": lambda: (metrics.self_mass(p), metrics.local_mass(p), metrics.first_mass(p),
+                                               metrics.sink_mass(p, kb[:, None, :])),
+        "reduction (query_sums)": lambda: metrics.query_sums(values, kb),
+        "total": lambda: metrics.query_sums(metrics.query_metrics(p, kb, sb, 2), kb),
+    }
+    # now: the probe's blocking and block_sums' pieces on the same scratch buffers
+    b0, b1, h0, h1 = probe_mod.blocks(B, H, Q * K)[0]
+    new_blocks = len(probe_mod.blocks(B, H, Q * K))
+    q, s, kq, sq = probs[b0:b1, h0:h1], scores[b0:b1, h0:h1], keep[b0:b1], special[b0:b1]
+    scratch = metrics.Scratch()
+    m, w = scratch.get("multi", q), scratch.get("work", q)
+    torch.matmul(q, q, out=m)
+    m_copy = m.clone()
+    sf = sq[:, None, None, :].to(q.dtype)
+    now = {
+        "A @ A": lambda: torch.matmul(q, q, out=m),
+        "direct entropy": lambda: metrics.entropy_from_scores(q, s, w),
+        "direct entropy, no logits (log path)": lambda: metrics.entropy_into(q, w),
+        "indirect entropy": lambda: metrics.entropy_into(m_copy, w),
+        "gtd": (lambda: m.sub_(q).abs_().sum(-1).mul_(0.5), lambda: m.copy_(m_copy)),
+        "special mass": lambda: torch.mul(q, sf, out=w).sum(-1),
+        "self/local/first/sink mass": lambda: (metrics.self_mass(q), metrics.local_mass(q), metrics.first_mass(q),
+                                               metrics.sink_mass(q, kq[:, None, :])),
+        "total": lambda: metrics.block_sums(q, kq, sq, 2, scores=s, scratch=scratch),
+        "total, no logits": lambda: metrics.block_sums(q, kq, sq, 2, scratch=scratch),
+    }
+    out = {"before_block": list(p.shape), "before_blocks_per_layer": old_blocks,
+           "now_block": list(q.shape), "now_blocks_per_layer": new_blocks, "pieces": {}}
+    times: dict[str, dict[str, list[float]]] = {}
+    for _ in range(repeats):  # interleaved: each piece before, then now, every repeat
+        for name in dict.fromkeys([*before, *now]):
+            for kind, table, blocks in (("before", before, old_blocks), ("now", now, new_blocks)):
+                if name in table:
+                    fn = table[name]
+                    fn, setup = fn if isinstance(fn, tuple) else (fn, None)
+                    times.setdefault(name, {}).setdefault(kind, []).append(_median_ms(fn, setup, 1) * blocks)
+    for name, kinds in times.items():
+        out["pieces"][name] = {f"{k}_ms_per_layer": statistics.median(v) for k, v in kinds.items()}
+    for kind in ("before", "now"):
+        parts = sum(r.get(f"{kind}_ms_per_layer", 0.0) for n, r in out["pieces"].items()
+                    if not n.startswith("total") and "no logits" not in n)
+        out["pieces"].setdefault("rest (reductions, small ops)", {})[f"{kind}_ms_per_layer"] = (
+            out["pieces"]["total"][f"{kind}_ms_per_layer"] - parts)
+    return out
+
+
+def layer_times(runner, batch, special, repeats: int) -> dict:
+    """One layer's whole probe time (every block, assembly): before, now with logits, now without."""
+    cap = CaptureLogits(runner.loaded.num_layers, layer=runner.loaded.num_layers - 1)
+    with torch.no_grad(), probe_mod.capturing(cap):
+        runner.loaded.model(**batch)
+    probs, scores = cap.probs, cap.scores
+    keep = batch["attention_mask"].bool()
+    probes = {"before (BeforeProbe)": BeforeProbe(1), "now (Probe, logits)": probe_mod.Probe(1),
+              "now (Probe, no logits)": probe_mod.Probe(1)}
+    for pr in probes.values():
+        pr.begin(keep, special)
+
+    def run(name):
+        pr = probes[name]
+        pr._batch = []
+        pr.observe(None, probs, scores=scores if name == "now (Probe, logits)" else None)
+        return pr._batch[0]
+
+    sums = {name: run(name) for name in probes}
+    diff = max(float((sums["now (Probe, logits)"][k] - sums["before (BeforeProbe)"][k]).abs().max() /
+                     max(1.0, float(sums["before (BeforeProbe)"]["queries"].max())))
+               for k in metrics.QUERY_METRICS)
+    times = {name: [] for name in probes}
+    for _ in range(repeats):
+        for name in probes:
+            gc.collect()
+            t0 = time.perf_counter()
+            run(name)
+            times[name].append(time.perf_counter() - t0)
+    return {"layer_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+            "layer_ms_range": {n: [1e3 * min(t), 1e3 * max(t)] for n, t in times.items()},
+            "max_abs_diff_of_per_query_means_now_vs_before": diff,
+            "pieces": layer_pieces(probs, scores, keep, special, repeats)}
+
+
+def report_layer(res, runner, batch, special, args) -> None:
+    res["layer"] = r = layer_times(runner, batch, special, args.micro_repeats)
+    print(f"\none layer's probe, {tuple(batch['input_ids'].shape)} x {runner.loaded.num_heads} heads, median of "
+          f"{args.micro_repeats} (interleaved); now vs before, per-query means differ by at most "
+          f"{r['max_abs_diff_of_per_query_means_now_vs_before']:.1e}:")
+    for name, ms in r["layer_ms"].items():
+        lo, hi = r["layer_ms_range"][name]
+        print(f"  {name:<28}{ms:8.1f} ms/layer  (range {lo:.1f}-{hi:.1f})")
+    pc = r["pieces"]
+    print(f"  by piece, ms per layer: before = block {tuple(pc['before_block'])} x {pc['before_blocks_per_layer']}, "
+          f"now = block {tuple(pc['now_block'])} x {pc['now_blocks_per_layer']}")
+    for name, row in pc["pieces"].items():
+        b, n = row.get("before_ms_per_layer"), row.get("now_ms_per_layer")
+        print(f"  {name:<40}{'' if b is None else f'{b:8.1f}':>8}{'' if n is None else f'{n:8.1f}':>8}")
+
+
 def report_share(res, runner, batch, special, args) -> None:
     res["share"] = s = share(runner, batch, special, args.repeats)
     e, sc = s["eager"], s["scan"]
@@ -258,9 +400,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows", type=int, default=25, help="profiler rows to print")
     ap.add_argument("--parts", nargs="+", default=["share", "chunking", "micro", "profiler"],
-                    choices=["share", "chunking", "micro", "profiler"])
+                    choices=["share", "chunking", "micro", "profiler", "layer"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     runner = load_runner(args.model, args.device, {"scan", "eager"})
     cpu_batch = fixed_batches(runner.tokenizer, args.length, args.batch_size, 1)[0]
     batch = {k: v.to(runner.device) for k, v in cpu_batch.items()}
@@ -280,6 +425,8 @@ def main(argv=None) -> None:
         report_chunking(res, runner, batch, special, args)
     if "micro" in args.parts:
         report_micro(res, runner, batch, special, args)
+    if "layer" in args.parts:
+        report_layer(res, runner, batch, special, args)
     if "profiler" in args.parts:
         table = profile_table(runner, batch, special, args.rows)
         res["profiler_table"] = table

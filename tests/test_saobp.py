@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnprobe import metrics, probe
-from attnprobe.saobp import GAMMAS, SaobpSettings, attention_forward, message_weights, parse_bp_layers, saobp_probs
+from attnprobe.saobp import (GAMMAS, SaobpSettings, _Messages, attention_forward, message_weights, parse_bp_layers,
+                             saobp_probs, saobp_probs_readable)
 from tests import reference
 
 A_REF = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]
@@ -151,6 +152,73 @@ def test_gradcheck_with_moderate_padding_bias():
     scores = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor([0.0, 0.0, 0.0, -30.0], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda s: saobp_probs(s + bias, 0.9), (scores,), eps=1e-6, atol=1e-7)
+
+
+# ---- the fused message term against the readable form ---------------------------------------------
+
+
+def _values_and_grads(fn, scores, weights, gamma, strength):
+    scores = scores.clone().requires_grad_()
+    probs = torch.softmax(scores, -1)
+    probs.retain_grad()
+    out = fn(scores, gamma, strength, probs=probs)
+    (out * weights).sum().backward()
+    return out.detach(), scores.grad, probs.grad
+
+
+@pytest.mark.parametrize("gamma, strength", [(0.9, 1.0), (0.5, 1.0), (0.3, 2.5), (0.99, 0.4)])
+def test_fused_values_and_gradients_equal_autograd_of_the_readable_form(gamma, strength):
+    torch.manual_seed(7)
+    lengths = [6, 4, 1]  # the 1-token sequence's row has no off-diagonal mass (W row stays 0)
+    B, H, K = len(lengths), 3, 6
+    keep = torch.arange(K)[None, :] < torch.tensor(lengths)[:, None]
+    scores = torch.randn(B, H, K, K, dtype=torch.float64) * 3 + _bias(keep)  # (B, H, Q, K)
+    weights = torch.randn(B, H, K, K, dtype=torch.float64)
+    fused = _values_and_grads(saobp_probs, scores, weights, gamma, strength)
+    readable = _values_and_grads(saobp_probs_readable, scores, weights, gamma, strength)
+    for name, got, expected in zip(("values", "grad of scores", "grad of probs"), fused, readable):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
+        assert torch.isfinite(got).all(), name
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 7), pad=st.integers(0, 2), gamma=st.floats(0.01, 0.99), strength=st.floats(0.1, 3.0),
+       sharp=st.floats(0.1, 8.0), seed=st.integers(0, 2**16))
+def test_fused_equals_readable_on_random_scores(n, pad, gamma, strength, sharp, seed):
+    gen = torch.Generator().manual_seed(seed)
+    K = n + pad
+    keep = (torch.arange(K) < n)[None, :]
+    scores = torch.randn(2, 2, K, K, generator=gen, dtype=torch.float64) * sharp + _bias(keep)
+    weights = torch.randn(2, 2, K, K, generator=gen, dtype=torch.float64)
+    fused = _values_and_grads(saobp_probs, scores, weights, gamma, strength)
+    readable = _values_and_grads(saobp_probs_readable, scores, weights, gamma, strength)
+    for got, expected in zip(fused, readable):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gradcheck_of_the_message_term_on_any_probabilities():
+    # the hand-written backward of W @ log1p(-gamma * A) for A that need not be a softmax of the same scores
+    torch.manual_seed(8)
+    probs = torch.softmax(torch.randn(2, 2, 5, 5, dtype=torch.float64), -1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: _Messages.apply(a, 0.9), (probs,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda a: _Messages.apply(a, 0.5), (probs,), eps=1e-6, atol=1e-7)
+
+
+def test_fused_runs_under_bfloat16_autocast_like_the_readable_form():
+    torch.manual_seed(9)
+    q, k = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    weights = torch.randn(2, 3, 7, 7)
+    results = {}
+    for fn in (saobp_probs, saobp_probs_readable):
+        leaf = q.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = leaf @ k.transpose(-1, -2)
+            out = fn(scores, 0.9, 1.0, probs=torch.softmax(scores, -1))
+        (out.float() * weights).sum().backward()
+        results[fn] = (out.float().detach(), leaf.grad)
+    (out_f, grad_f), (out_r, grad_r) = results.values()
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=2e-2)  # bfloat16 rounding
+    torch.testing.assert_close(grad_f, grad_r, rtol=5e-2, atol=5e-2)
 
 
 # ---- batch invariance ----------------------------------------------------------------------------
