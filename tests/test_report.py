@@ -467,3 +467,152 @@ def test_report_renders_in_headless_chromium(tmp_path):
     pixels = imread(BytesIO(shot.read_bytes()), format="png")[..., :3]
     assert pixels.std() > 0.01
     assert (pixels < 0.95).any()  # not all white
+
+
+# --- flagged heads explained: thumbnails, extremes, flag legend, hover values -------------------------
+
+def write_patterns(run: Path, n_layers: int, n_heads: int, examples=(3, 7), seed: int = 0) -> None:
+    import torch
+
+    from attnprobe.patterns import Pattern, pattern_frame
+
+    rng = np.random.default_rng(seed)
+    kept = []
+    for i, row in enumerate(examples):
+        n = 6 + 3 * i
+        probs = torch.from_numpy(rng.dirichlet(np.ones(n) * 0.3, size=(n_layers, n_heads, n)).astype(np.float32))
+        kept.append(Pattern(row=row, tokens=["[CLS]", *[f"w{k}" for k in range(n - 2)], "[SEP]"], probs=probs))
+    pattern_frame(kept).to_parquet(run / "patterns.parquet", index=False)
+
+
+def html_table(page: str, css: str) -> list[list[str]]:
+    """The cells (text, tags stripped) of each data row of the table with class ``css``."""
+    import html as html_mod
+
+    body = re.search(rf'<table class="{css}">(.*?)</table>', page, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", body, re.S)[1:]
+    return [[html_mod.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)]
+            for r in rows]
+
+
+def expected_reasons(rec: dict) -> list[str]:
+    out = []
+    if rec["entropy_collapse"]:
+        out.append(f"entropy collapse (normalized direct entropy {rec['direct_entropy_norm']:.3f} < 0.15)")
+    if rec["low_gtd"]:
+        out.append(f"low GTD ({rec['gtd']:.3f} < 0.05)")
+    if rec["high_gtd"]:
+        out.append(f"high GTD ({rec['gtd']:.3f} > 0.6)")
+    if rec["sink"]:
+        out.append(f"sink (sink mass {rec['sink_mass']:.3f} > 0.5)")
+    if rec["diffuse"]:
+        out.append(f"diffuse (normalized direct entropy {rec['direct_entropy_norm']:.3f} > 0.95)")
+    return out
+
+
+def test_flagged_section_lists_exactly_the_flagged_heads_with_thumbnails(tmp_path):
+    run = write_scan_run(tmp_path / "s", n_layers=3, n_heads=4, seed=4)
+    write_patterns(run, 3, 4)
+    heads = pd.read_parquet(run / "heads.parquet")
+    result = write_report([run])
+    page = result.html.read_text(encoding="utf-8")
+    flagged = heads[heads.collapsed | heads.high_gtd | heads.sink | heads.diffuse]
+    assert len(flagged) > 0
+    rows = html_table(page, "flagged")
+    assert [(int(r[0]), int(r[1])) for r in rows] == list(zip(flagged.layer, flagged["head"]))
+    for cells, rec in zip(rows, flagged.to_dict("records")):
+        assert cells[-2] == "; ".join(expected_reasons(rec))
+    thumbs = re.findall(r'<td class="thumb"><img alt="layer (\d+), head (\d+)"', page)
+    extremes = html_table(page, "extremes")
+    wanted = {(int(r[0]), int(r[1])) for r in rows} | {(int(r[1]), int(r[2])) for r in extremes}
+    assert {(int(a), int(b)) for a, b in thumbs} == wanted
+    names = {p.name for p in result.pngs}
+    assert {f"s-head-L{layer}-H{head}.png" for layer, head in wanted} <= names
+    for png in result.pngs:
+        assert_png_ok(png)
+    assert not any("no attention patterns" in n for n in result.notes)
+
+
+def test_extreme_heads_are_shown_when_nothing_is_flagged(tmp_path):
+    run = write_scan_run(tmp_path / "calm", n_layers=2, n_heads=3)
+    heads = pd.read_parquet(run / "heads.parquet")
+    for flag in ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "collapsed"):
+        heads[flag] = False
+    heads.to_parquet(run / "heads.parquet", index=False)
+    write_patterns(run, 2, 3)
+    page = write_report([run], fmt="html").html.read_text(encoding="utf-8")
+    assert "No head is flagged." in page
+    extremes = html_table(page, "extremes")
+    top = heads.sort_values("gtd").iloc[-1]
+    assert extremes[0][:3] == ["highest GTD", str(int(top.layer)), str(int(top["head"]))]
+    assert len(re.findall(r'<td class="thumb"><img', page)) == len(extremes)
+
+
+def test_report_without_patterns_says_so(tmp_path):
+    result = write_report([write_scan_run(tmp_path / "old")], fmt="html")
+    assert any("no attention patterns" in n for n in result.notes)
+
+
+def test_heatmap_cells_have_hover_values(tmp_path):
+    run = write_scan_run(tmp_path / "h", n_layers=2, n_heads=3)
+    heads = pd.read_parquet(run / "heads.parquet")
+    page = write_report([run], fmt="html").html.read_text(encoding="utf-8")
+    titles = re.findall(r"<rect [^>]*><title>([^<]*)</title></rect>", page)
+    assert len(titles) == 3 * len(heads)  # GTD, direct and indirect entropy panels
+    first = heads.iloc[0]
+    assert f"layer 0, head 0: GTD {first.gtd:.4f}" in titles[0]
+
+
+@pytest.mark.browser
+def test_pages_make_no_request_in_headless_chromium(tmp_path, tiny_bert):
+    """The report (with thumbnails) and a show page render, and the browser's network log holds only the
+    page itself and its data: images."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI; .ci/run must install Debian's chromium")
+        pytest.skip("chromium not installed; CI installs Debian's chromium (apt-get install chromium)")
+    from attnprobe.config import ShowConfig
+    from attnprobe.show import show
+
+    run = write_scan_run(tmp_path / "a", n_layers=3, n_heads=4)
+    write_patterns(run, 3, 4)
+    control = tmp_path / "control.html"  # proves the check sees a request a page makes
+    control.write_text('<html><body><img src="http://127.0.0.1:9/x.png">control</body></html>')
+    pages = [control, write_report([run], fmt="html").html,
+             show(ShowConfig(model=str(tiny_bert), text="a <b>bold</b> test", layers=(0,), heads=(1,),
+                             out=str(tmp_path / "show"), format="html", device="cpu")).html]
+    for i, page in enumerate(pages):
+        shot, log = tmp_path / f"shot{i}.png", tmp_path / f"net{i}.json"
+        subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / f'profile{i}'}", f"--log-net-log={log}", f"--screenshot={shot}",
+             "--window-size=1280,1600", page.resolve().as_uri()],
+            check=False, capture_output=True, timeout=90,
+        )
+        assert shot.is_file(), "chromium wrote no screenshot"
+        from matplotlib.image import imread
+
+        pixels = imread(BytesIO(shot.read_bytes()), format="png")[..., :3]
+        assert page == control or pixels.std() > 0.01
+        leaving = page_requests(log)
+        if page == control:
+            assert leaving == {"http://127.0.0.1:9/x.png"}
+        else:
+            assert not leaving, leaving
+
+
+def page_requests(net_log: Path) -> set[str]:
+    """URLs the page itself asked the network stack for: requests whose initiator is the page's (opaque
+    file://) origin. Chromium's own background requests carry the initiator "not an origin"."""
+    urls = set()
+    for line in net_log.read_text(encoding="utf-8", errors="replace").splitlines():  # one event per line
+        try:
+            entry = json.loads(line.strip().rstrip(",")).get("params", {})
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        initiator = str(entry.get("initiator", ""))
+        if "url" in entry and (initiator == "null" or initiator.startswith("file")):
+            urls.add(entry["url"])
+    return urls
