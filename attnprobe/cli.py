@@ -46,6 +46,7 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle/--no-allow-pickle", help="Allow pickle (.bin) weights, which can run code. Only for trusted files.")]
 TrustRemote = Annotated[Optional[bool], typer.Option("--trust-remote-code/--no-trust-remote-code", help="Run a checkpoint's own Python code. Only for trusted sources.")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run already in --out.")]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder, alias or cached hub id instead of MODEL's.")]
 
 def _threshold(flag: str, rule: str, default: float):
     return Annotated[Optional[float], typer.Option(f"--{flag}", help=f"Flag threshold: {rule} (default: {default}).")]
@@ -117,13 +118,15 @@ def _output_folder(out: Path | None, kind: str, overwrite: bool):
     from attnprobe import outputs
 
     existed = out is not None and Path(out).exists()
-    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)
+    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)  # takes the folder's lock
     try:
         yield path
     except BaseException:
+        outputs.release(path)
         if not existed and path.exists() and not (path / outputs.RUN_JSON).exists():
             shutil.rmtree(path, ignore_errors=True)
         raise
+    outputs.release(path)
 
 
 def _progress(enabled: bool, description: str, total: int | None = None):
@@ -178,6 +181,7 @@ def scan(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
+    tokenizer: TokenizerOpt = None,
     entropy_collapse: _threshold("entropy-collapse", "normalized direct entropy below it", 0.15) = None,
     low_gtd: _threshold("low-gtd", "GTD below it", 0.05) = None,
     high_gtd: _threshold("high-gtd", "GTD above it", 0.60) = None,
@@ -195,6 +199,7 @@ def scan(
             "encoding": encoding, "num_layers": num_layers, "hops": hops, "batch_size": batch_size,
             "max_length": max_length, "limit": limit, "device": device, "dtype": dtype, "per_example": per_example,
             "patterns": patterns, "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "tokenizer": tokenizer,
             "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
         })
@@ -209,7 +214,7 @@ def scan(
         world = parallel.current_world(cfg.device)
         loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=parallel.device_for(world, cfg.device),
                                    dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
         show = not as_json and sys.stderr.isatty() and world.is_main
         folder = (_output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
                   else contextlib.nullcontext(None))
@@ -344,7 +349,7 @@ def refine(
     overwrite: Overwrite = None,
     task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="The tokenizer to use instead of MODEL's; with --init its vocabulary sets the new model's.")] = None,
+    tokenizer: TokenizerOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
@@ -366,9 +371,12 @@ def refine(
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
             "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
         })
-        from attnprobe import refine as refine_mod, summaries
+        from attnprobe import outputs, refine as refine_mod, summaries
 
-        result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        try:
+            result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
+        finally:
+            outputs.release_all()  # the run folder's lock, taken when refine prepared it
         if not result.is_main:  # under torchrun / accelerate only the main process reports
             return
         if as_json:
@@ -394,6 +402,51 @@ def report(
         console = _console()
         for note in result.notes:
             console.print(note, markup=False)
+        if result.html:
+            console.print(f"wrote {result.html}", markup=False)
+        if result.pngs:
+            console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
+
+
+@app.command()
+def show(
+    model: ModelArg = None,
+    text: Annotated[Optional[str], typer.Option("--text", metavar="TEXT", help="The sentence to draw.")] = None,
+    pair: Annotated[Optional[str], typer.Option("--pair", metavar="TEXT", help="A second sentence, read as a pair with --text.")] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", metavar="L", help="Draw the heads of layer L large (repeatable; from 0).")] = None,
+    head: Annotated[Optional[list[int]], typer.Option("--head", metavar="H", help="Draw head H large (repeatable; from 0); with --layer, only those layers.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Output folder (default: a new folder under ./attnprobe-runs/).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, png or both.")] = "both",
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Read at most this many tokens (default: 64).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder or alias.")] = None,
+    num_layers: NumLayers = None,
+    hops: Hops = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    allow_pickle: AllowPickle = None,
+    trust_remote_code: TrustRemote = None,
+):
+    """Draw the attention of one sentence (or pair) over its tokens, with its per-head metrics."""
+    with _errors():
+        from dataclasses import replace
+
+        from attnprobe.config import ShowConfig
+
+        values = {"model": model, "text": text, "pair": pair, "layers": tuple(layer) if layer else None,
+                  "heads": tuple(head) if head else None, "out": str(out) if out else None, "format": fmt,
+                  "max_tokens": max_tokens, "tokenizer": tokenizer, "num_layers": num_layers, "hops": hops,
+                  "device": device, "dtype": dtype, "allow_pickle": allow_pickle,
+                  "trust_remote_code": trust_remote_code}
+        cfg = replace(ShowConfig(), **{k: v for k, v in values.items() if v is not None}).validate()
+        from attnprobe.show import show as show_sentence
+
+        result = show_sentence(cfg)
+        console = _console()
+        for note in result.notes:
+            console.print(f"note: {note}", markup=False, soft_wrap=True)
+        flagged = sum(1 for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES))
+        console.print(f"{len(result.tokens)} tokens; {flagged} of {len(result.heads)} heads flagged on this sentence",
+                      markup=False)
         if result.html:
             console.print(f"wrote {result.html}", markup=False)
         if result.pngs:

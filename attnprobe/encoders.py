@@ -84,7 +84,8 @@ def _forward(model, batch: dict[str, torch.Tensor], backend: str) -> Any:
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise AttnprobeError(
-            f"{arch} does not run on text alone ({first}); attnprobe feeds token ids and an attention mask only"
+            f"{arch} fails on a plain-text check sentence ({first}); attnprobe feeds token ids and an attention "
+            "mask only (models that need more inputs, such as layout boxes, are not supported)"
         ) from None
     return getattr(out, "attentions", None)
 
@@ -186,6 +187,15 @@ def _encode(tokenizer, texts, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def config_problem(config) -> str | None:
+    """Attention that short check sentences cannot reveal, read from the config: BigBird's block-sparse
+    attention is full below about 8 blocks and sparse (with random blocks) above, so it is refused."""
+    if getattr(config, "attention_type", None) == "block_sparse":
+        return ("BigBird's block-sparse attention is not n x n on longer sequences; attnprobe needs full "
+                "attention (a checkpoint saved with attention_type 'original_full' scans)")
+    return None
+
+
 def inspect(model, tokenizer, backend: str) -> Capability:
     """Run the load-time checks (structure, probabilities, padding invariance); refuse what fails.
 
@@ -193,6 +203,8 @@ def inspect(model, tokenizer, backend: str) -> Capability:
     right-padded batch.
     """
     arch = arch_name(model)
+    if (problem := config_problem(model.config)) is not None:
+        raise AttnprobeError(problem)
     device = next(model.parameters()).device
     alone = [_encode(tokenizer, [t], device) for t in CHECK_TEXTS]
     outs = []

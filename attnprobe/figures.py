@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from io import BytesIO
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attnprobe.reporttypes import Plot, Run
+from attnprobe.patternfigs import FLAG_COLOR, FLAG_STYLES, cell_hovers, flag_boxes, flag_legend, to_png
+from attnprobe.reporttypes import Hover, Plot, Run
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-DPI = 110
-FLAG_COLOR = "#e8175d"
-FLAG_MEANING = "flagged head (collapsed, high GTD, sink or diffuse)"
 PROFILE = (
     ("direct_entropy_norm", "normalized direct entropy"),
     ("indirect_entropy_norm", "normalized indirect entropy"),
@@ -32,15 +29,18 @@ PROFILE = (
 DIFF = (("gtd", "GTD"), ("direct_entropy_norm", "normalized direct entropy"))
 LINE_STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-ANNOTATE_MAX = (8, 16)  # write values into cells up to this many layers x heads
+ANNOTATE_MAX = (8, 16)
+MAX_THUMBNAILS = 48  # head thumbnails per run  # write values into cells up to this many layers x heads
 
 
 def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
     """Every figure of a report: per run heatmaps, layer profile and training curves; then comparisons."""
     plots: list[Plot] = []
     for run in runs:
+        hovers: list[Hover] = []
+        png = heatmaps(run.heads, run.shape, _heatmap_title(run), run.thresholds, hovers)
         plots.append(Plot(f"{run.name}-heatmaps.png", f"{run.label}: per-head heatmaps", _heatmap_caption(run),
-                          heatmaps(run.heads, run.shape, _heatmap_title(run)), run.name))
+                          png, run.name, hover=hovers, width=_png_width(png), height=_png_height(png)))
         if run.kind == "refine":
             bp_shift = len(run.epoch_layers) > 0 and any(
                 "bp_shift" in df.columns and df["bp_shift"].notna().any() for df in run.epoch_layers.values())
@@ -64,6 +64,7 @@ def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
                               "(bottom), from layers.parquet.",
                               layer_profile(run.layers, _text(run.label), run.thresholds.entropy_collapse),
                               run.name))
+        plots.extend(head_thumbnails(run, notes))
     if len(runs) < 2:
         return plots
     first = runs[0]
@@ -87,12 +88,40 @@ def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
     return plots
 
 
-def heatmaps(heads: pd.DataFrame, shape: tuple[int, int], title: str) -> bytes:
-    """GTD and normalized direct and indirect entropy per head, layers down, heads across; flags boxed."""
+def head_thumbnails(run: Run, notes: list[str]) -> list[Plot]:
+    """A thumbnail per flagged head and per extreme head: its pattern on each example the scan kept."""
+    from attnprobe.patternfigs import thumbnails
+
+    if not run.patterns:
+        if run.kind == "scan":
+            notes.append(f"{run.name}: the scan kept no attention patterns (patterns.parquet), so the head "
+                         "tables have no thumbnails; rerun the scan with --patterns 4.")
+        return []
+    heads = [(int(r.layer), int(r.head)) for r in run.flagged.itertuples()]
+    heads += [(int(r.layer), int(r.head)) for r in run.extremes.itertuples()] if run.extremes is not None else []
+    heads = list(dict.fromkeys(heads))
+    if len(heads) > MAX_THUMBNAILS:
+        notes.append(f"{run.name}: thumbnails are drawn for the first {MAX_THUMBNAILS} of {len(heads)} heads.")
+        heads = heads[:MAX_THUMBNAILS]
+    n_layers, n_heads = run.patterns[0].probs.shape[:2]
+    return [Plot(f"{run.name}-head-L{layer}-H{head}.png", f"layer {layer}, head {head}",
+                 f"Attention of layer {layer}, head {head} on the examples kept by the scan (queries down, "
+                 "keys across).", thumbnails(run.patterns, layer, head), run.name, head=(layer, head))
+            for layer, head in heads if layer < n_layers and head < n_heads]
+
+
+def heatmaps(heads: pd.DataFrame, shape: tuple[int, int], title: str, thresholds=None,
+             hovers: list[Hover] | None = None) -> bytes:
+    """GTD and normalized direct and indirect entropy per head, layers down, heads across; flags boxed.
+
+    Each flagged head gets a red box per flag (line style = which flag; legend below). If ``hovers`` is
+    a list, the hover rectangles of every cell (head, value, flags) are appended to it.
+    """
     n_layers, n_heads = shape
     annotate = n_layers <= ANNOTATE_MAX[0] and n_heads <= ANNOTATE_MAX[1]
     fig, axes = _grid_figure(shape, 3, annotate)
-    flagged = head_grid(heads, "flagged", shape) > 0
+    cell_flags = _cell_flags(heads, shape)
+    panels = []
     for ax, (column, label) in zip(axes, (PROFILE[2], PROFILE[0], PROFILE[1])):
         grid = head_grid(heads, column, shape)
         top = 1.0 if column != "gtd" else _round_up(np.nanmax(grid) if np.isfinite(grid).any() else 1.0)
@@ -102,14 +131,44 @@ def heatmaps(heads: pd.DataFrame, shape: tuple[int, int], title: str) -> bytes:
         _head_axes(ax, shape, label)
         if annotate:
             _annotate(ax, grid, image, "{:.2f}")
-        for layer, head in zip(*np.nonzero(flagged)):
-            ax.add_patch(_box(head, layer))
-    from matplotlib.patches import Patch
-
-    fig.legend(handles=[Patch(fill=False, edgecolor=FLAG_COLOR, linewidth=2, label=FLAG_MEANING)],
-               loc="outside lower center", frameon=False, fontsize=9)
+        for (layer, head), names in cell_flags.items():
+            flag_boxes(ax, head, layer, names, half=0.44)
+        panels.append((ax, label, grid))
+    fig.legend(handles=flag_legend(thresholds), loc="outside lower center", frameon=False, fontsize=8,
+               ncols=2 if fig.get_figwidth() < 11 else 3, title="flagged heads: a red box per flag, its line style says which",
+               title_fontsize=8)
     fig.suptitle(title, fontsize=11)
-    return to_png(fig)
+    png = to_png(fig)
+    if hovers is not None:
+        words = {name: w for name, w, _ in FLAG_STYLES}
+        for ax, label, grid in panels:
+            texts = np.empty(shape, dtype=object)
+            for (layer, head), value in np.ndenumerate(grid):
+                flags = ", ".join(words[n] for n in cell_flags.get((layer, head), []))
+                texts[layer, head] = (f"layer {layer}, head {head}: {label} {value:.4f}"
+                                      + (f"; flagged: {flags}" if flags else ""))
+            hovers.extend(cell_hovers(fig, ax, texts))
+    return png
+
+
+def _cell_flags(heads: pd.DataFrame, shape: tuple[int, int]) -> dict[tuple[int, int], list[str]]:
+    """(layer, head) -> the flag columns set for it (only flagged heads)."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for name, _, _ in FLAG_STYLES:
+        if name not in heads.columns:
+            continue
+        grid = head_grid(heads, name, shape) > 0
+        for layer, head in zip(*np.nonzero(grid)):
+            out.setdefault((int(layer), int(head)), []).append(name)
+    return out
+
+
+def _png_width(png: bytes) -> int:
+    return int.from_bytes(png[16:20], "big")  # the IHDR chunk of a PNG
+
+
+def _png_height(png: bytes) -> int:
+    return int.from_bytes(png[20:24], "big")
 
 
 def diff_heatmaps(heads_a: pd.DataFrame, heads_b: pd.DataFrame, shape: tuple[int, int], label_a: str,
@@ -246,13 +305,6 @@ def head_grid(heads: pd.DataFrame, column: str, shape: tuple[int, int]) -> np.nd
     return grid
 
 
-def to_png(fig: Figure) -> bytes:
-    """Render a figure to PNG bytes (no 'Software' text chunk, so the bytes hold no URL)."""
-    buffer = BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def _grid_figure(shape: tuple[int, int], panels: int, annotate: bool) -> tuple[Figure, list[Axes]]:
     """A figure of per-head panels sized to the grid: side by side when they fit, else stacked."""
     from matplotlib.figure import Figure
@@ -286,12 +338,6 @@ def _annotate(ax: Axes, grid: np.ndarray, image, fmt: str) -> None:
         r, g, b, _ = image.cmap(image.norm(value))
         ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
         ax.text(head, layer, fmt.format(value), ha="center", va="center", fontsize=7, color=ink)
-
-
-def _box(head: int, layer: int):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((head - 0.44, layer - 0.44), 0.88, 0.88, fill=False, edgecolor=FLAG_COLOR, linewidth=2)
 
 
 def _cmap(name: str):
@@ -358,4 +404,5 @@ def _heatmap_title(run: Run) -> str:
 def _heatmap_caption(run: Run) -> str:
     source = "the last epoch of diagnostics.parquet" if run.kind == "refine" else "heads.parquet"
     return (f"Per-head values from {source}: layers down, heads across, both numbered from 0. "
-            f"A red box marks a {FLAG_MEANING}; grey cells have no data.")
+            "A red box marks a flagged head; its line style says which flag (legend), nested boxes mean "
+            "several. Grey cells have no data. In the HTML page, hover a cell for its value.")

@@ -51,6 +51,13 @@ table.meta td:first-child { font-family: ui-monospace, "DejaVu Sans Mono", monos
 table.meta td { overflow-wrap: anywhere; max-width: 60rem; }
 figure { margin: 1rem 0 1.6rem; background: #fff; border: 1px solid #e2e2e8; padding: .6rem; }
 figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
+figure { text-align: center; }
+figcaption { text-align: left; }
+div.hov { position: relative; display: inline-block; max-width: 100%; }
+div.hov svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
+div.hov rect { fill: #000; fill-opacity: 0; }
+div.hov rect:hover { fill-opacity: .12; stroke: #000; stroke-width: 1.5; }
+td.thumb img { display: block; max-width: 46rem; height: auto; }
 figcaption { color: #444; font-size: .88rem; margin-top: .4rem; }
 div.wide { overflow-x: auto; }
 .notes { background: #fff8e1; border: 1px solid #f0d98c; padding: .5rem 1rem; }
@@ -114,14 +121,24 @@ def _run_section(run: Run, plots: Sequence[Plot]) -> str:
     columns = [c for c in SUMMARY_COLUMNS if c in run.layers.columns
                and not (c == "bp_shift" and run.layers[c].isna().all())]
     parts.append(table(run.layers[columns], css="summary"))
+    thumbs = {p.head: p for p in plots if p.head is not None}
+    plots = [p for p in plots if p.head is None]
     if plots:
         parts.append("<h3>Figures</h3>")
         parts.extend(figure(p) for p in plots)
-    parts.append(f"<h3>Flagged heads ({len(run.flagged)} of {len(run.heads)})</h3>")
+    parts.append(f'<h3 id="flagged-{esc(run.name)}">Flagged heads ({len(run.flagged)} of {len(run.heads)})</h3>')
     if run.flagged.empty:
         parts.append("<p>No head is flagged.</p>")
     else:
-        parts.append(table(run.flagged, css="flagged"))
+        parts.append(table(run.flagged, css="flagged", thumbs=thumbs))
+    if run.extremes is not None and not run.extremes.empty:
+        parts.append("<h3>Most extreme heads</h3>")
+        parts.append('<p class="sub">The heads with the highest and lowest GTD and normalized direct entropy, '
+                     "flagged or not.</p>")
+        parts.append(table(run.extremes, css="extremes", thumbs=thumbs))
+    if thumbs:
+        parts.append('<p class="sub">Thumbnails: the head\'s attention on the examples the scan kept '
+                     "(patterns.parquet), queries down, keys across, darker = less weight.</p>")
     # The full run.json is long: folded (plain HTML, no script), after the results.
     parts.append(f"<details><summary><h3>Run metadata</h3></summary>{_meta_table(run.meta)}</details>")
     parts.append("</section>")
@@ -157,26 +174,50 @@ def flatten(value: Any, prefix: str) -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def table(df: pd.DataFrame, css: str) -> str:
-    """A DataFrame as an HTML table, every header and cell escaped, numbers right-aligned."""
+def table(df: pd.DataFrame, css: str, thumbs: dict | None = None) -> str:
+    """A DataFrame as an HTML table, every header and cell escaped, numbers right-aligned.
+
+    With ``thumbs`` ({(layer, head): Plot}), each row with a thumbnail for its (layer, head) gets it in an
+    extra ``pattern`` column.
+    """
     # <wbr> lets long column names such as indirect_entropy_norm wrap at their underscores
+    with_thumbs = bool(thumbs) and {"layer", "head"} <= set(df.columns)
     head = "".join(f"<th>{esc(str(c)).replace('_', '_<wbr>')}</th>" for c in df.columns)
+    head += "<th>pattern on the kept examples</th>" if with_thumbs else ""
     rows = []
     for record in df.itertuples(index=False):
         cells = []
+        if with_thumbs:
+            plot = thumbs.get((int(record.layer), int(record.head)))
+            if plot is not None:
+                data = base64.b64encode(plot.png).decode("ascii")
+                cells.append(f'<td class="thumb"><img alt="{esc(plot.title)}" src="data:image/png;base64,{data}"></td>')
+            else:
+                cells.append("<td></td>")
         for value in record:
             numeric = isinstance(value, numbers.Number) and not isinstance(value, bool)
             cell_class = ' class="num"' if numeric else ""
             cells.append(f"<td{cell_class}>{esc(_scalar(value))}</td>")
+        if with_thumbs:
+            cells.append(cells.pop(0))
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return f'<div class="wide"><table class="{esc(css)}"><tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
 def figure(plot: Plot) -> str:
-    """One figure as <figure> with the PNG inline as a data: URI."""
+    """One figure as <figure> with the PNG inline as a data: URI.
+
+    A plot with ``hover`` rectangles gets an SVG laid over the image whose rectangles carry ``<title>``
+    elements: the browser shows each cell's value as a tooltip, without any script.
+    """
     data = base64.b64encode(plot.png).decode("ascii")
-    return (f'<figure><img alt="{esc(plot.title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)}</figcaption></figure>")
+    img = f'<img alt="{esc(plot.title)}" src="data:image/png;base64,{data}">'
+    if plot.hover and plot.width and plot.height:
+        rects = "".join(f'<rect x="{h.x:.1f}" y="{h.y:.1f}" width="{h.width:.1f}" height="{h.height:.1f}">'
+                        f"<title>{esc(h.text)}</title></rect>" for h in plot.hover)
+        img = (f'<div class="hov">{img}<svg viewBox="0 0 {plot.width} {plot.height}" '
+               f'preserveAspectRatio="none" aria-hidden="true">{rects}</svg></div>')
+    return f"<figure>{img}<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)}</figcaption></figure>"
 
 
 def esc(value: str) -> str:
@@ -203,3 +244,52 @@ def _scalar(value: Any, exact: bool = False) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "\u2026"
+
+
+SHOW_COLUMNS = ("layer", "head", "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm",
+                "gtd", "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift")
+
+
+def render_show_page(result, *, generated: str, version: str, thresholds) -> str:
+    """The page of ``attnprobe show``: the sentence, its tokens, the figures, the per-head metrics."""
+    from attnprobe.reporttypes import flag_reasons
+
+    meta = result.meta
+    model = meta["model"].get("name", "model")
+    title = f"attnprobe show: {model}"
+    heads = result.heads
+    if result.selected:
+        keys = set(result.selected)
+        heads = heads[[(int(r.layer), int(r.head)) in keys for r in heads.itertuples()]]
+    columns = [c for c in SHOW_COLUMNS if c in heads.columns and not (c == "bp_shift" and heads[c].isna().all())]
+    metrics = heads[columns].copy()
+    metrics["flags"] = ["; ".join(flag_reasons(rec, thresholds)) or "\u2013" for rec in heads.to_dict("records")]
+    tokens = " ".join(f"<code>{i}:{esc(t)}</code>" for i, t in enumerate(result.tokens))
+    saobp = meta.get("saobp")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="sub">Written by attnprobe {esc(version)} on {esc(generated)}; model <code>{esc(str(model))}</code> '
+        f"({esc(str(meta['model'].get('architecture', '?')))}, {result.pattern.probs.shape[0]} layers x "
+        f"{result.pattern.probs.shape[1]} heads).</p>",
+        f"<p><b>Text:</b> {esc(meta['text'])}</p>",
+    ]
+    if meta.get("pair"):
+        parts.append(f"<p><b>Pair:</b> {esc(meta['pair'])}</p>")
+    if saobp:
+        parts.append(f'<p class="sub">SAOBP model ({esc(json.dumps(saobp))}): the figures show the refined '
+                     "attention the model uses beside the plain attention; bp_shift is the mass it moved.</p>")
+    parts.append(f'<p class="sub">{len(result.tokens)} tokens: {tokens}</p>')
+    if result.notes:
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
+    parts.extend(figure(p) for p in result.plots)
+    parts.append("<h2>Per-head metrics of this sentence</h2>")
+    parts.append('<p class="sub">Computed by the same probe as <code>attnprobe scan</code> on this one sentence '
+                 "(docs/method.md); flags use the thresholds of the scan defaults or the options given.</p>")
+    parts.append(table(metrics, css="metrics"))
+    parts.append("</main></body></html>\n")
+    return "\n".join(parts)

@@ -1,14 +1,17 @@
 """Run folders and atomic writes: every output goes to a temporary name and is renamed when complete.
 
 A run folder gets its ``run.json`` last, with ``"complete": true``; a folder whose run.json is missing
-or says ``false`` is not a finished run. This module knows file names and how to write them safely; it
+or says ``false`` is not a finished run. One process writes a run folder at a time: ``prepare_out_dir``
+takes the folder's lock file (created atomically), ``release`` (or the end of the process) frees it. This module knows file names and how to write them safely; it
 does not compute anything (scan.py, refine.py) or draw anything (report.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ PATTERNS = "patterns.parquet"
 HISTORY = "history.parquet"
 DIAGNOSTICS = "diagnostics.parquet"
 DEFAULT_RUNS_DIR = "attnprobe-runs"
+LOCK = ".attnprobe.lock"
 
 # Files that mark a folder as holding a run of ours.
 RUN_FILES = (RUN_JSON, HEADS, LAYERS, EXAMPLES, PATTERNS, HISTORY, DIAGNOSTICS, "model")
@@ -119,14 +123,113 @@ def new_run_dir(kind: str, base: str | Path = DEFAULT_RUNS_DIR) -> Path:
     return candidate
 
 
-def prepare_out_dir(out: str | Path | None, kind: str, overwrite: bool = False) -> Path:
-    """Create the output folder, refusing one that holds another run unless ``overwrite``.
+_HELD: set[Path] = set()
 
-    With ``overwrite``, the previous run's files are removed first so nothing stale stays behind.
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock(path: str | Path) -> Path:
+    """Take ``path``'s lock file (``O_CREAT | O_EXCL``, so of two processes exactly one gets it).
+
+    The file holds the owner's pid, host and start time. A lock of this process is taken again freely;
+    a lock whose process no longer runs on this host is stale and is replaced. A lock from another host
+    cannot be checked: it stays until removed by hand. Raises AttnprobeError naming the folder otherwise.
+    """
+    path = Path(path)
+    target = path / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(target.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = {}
+            if not owner:  # being written this instant, or unreadable: look again
+                time.sleep(0.05)
+                try:
+                    owner = json.loads(target.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    owner = {"pid": "?", "host": "?"}
+            pid, host = owner.get("pid"), owner.get("host")
+            if pid == me["pid"] and host == me["host"]:
+                _HELD.add(path.resolve())
+                return target
+            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                target.unlink(missing_ok=True)  # stale: its process has ended
+                continue
+            raise AttnprobeError(
+                f"output folder {path} is being written by another attnprobe run (pid {pid} on {host}, since "
+                f"{owner.get('started', '?')}); wait for it or choose another --out (a stale lock: delete {target})"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        _HELD.add(path.resolve())
+        return target
+    raise AttnprobeError(f"cannot take the lock {target}; delete it if no attnprobe run writes {path}")
+
+
+def release(path: str | Path) -> None:
+    """Free ``path``'s lock if this process holds it (a no-op otherwise)."""
+    path = Path(path)
+    if path.resolve() not in _HELD:
+        return
+    _HELD.discard(path.resolve())
+    target = path / LOCK
+    try:
+        owner = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        target.unlink(missing_ok=True)
+
+
+@atexit.register
+def release_all() -> None:
+    """Free every folder lock this process holds (also run when the process ends)."""
+    for path in list(_HELD):
+        release(path)
+
+
+def prepare_out_dir(out: str | Path | None, kind: str, overwrite: bool = False) -> Path:
+    """Create the output folder and take its lock, refusing one that holds another run unless ``overwrite``.
+
+    With ``overwrite``, the previous run's files are removed first so nothing stale stays behind. The
+    caller frees the lock with ``release(path)`` when done (else it goes when the process ends).
     """
     path = Path(out) if out else new_run_dir(kind)
     if path.exists() and not path.is_dir():
         raise AttnprobeError(f"output path {path} is a file; pass a folder with --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AttnprobeError(
+            f"cannot write to output folder {path} ({exc.strerror or exc}); choose a writable --out"
+        ) from None
+    try:
+        lock(path)
+    except PermissionError as exc:
+        raise AttnprobeError(
+            f"cannot write to output folder {path} ({exc.strerror or exc}); choose a writable --out"
+        ) from None
+    try:
+        _clear(path, overwrite)
+    except BaseException:
+        release(path)
+        raise
+    return path
+
+
+def _clear(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         existing = [name for name in RUN_FILES if (path / name).exists()]
         if existing and not overwrite:
@@ -145,7 +248,6 @@ def prepare_out_dir(out: str | Path | None, kind: str, overwrite: bool = False) 
                 else:
                     target.unlink(missing_ok=True)
     try:
-        path.mkdir(parents=True, exist_ok=True)
         probe = path / f".attnprobe-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -153,7 +255,6 @@ def prepare_out_dir(out: str | Path | None, kind: str, overwrite: bool = False) 
         raise AttnprobeError(
             f"cannot write to output folder {path} ({exc.strerror or exc}); choose a writable --out"
         ) from None
-    return path
 
 
 def read_run_json(run_dir: str | Path) -> dict[str, Any]:

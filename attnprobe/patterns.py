@@ -25,6 +25,8 @@ MAX_TOKENS = 64
 RULE = (f"rows of {PREFERRED[0]}-{PREFERRED[1]} tokens at evenly spaced quantiles of their length "
         f"distribution, first row of each length in input order; nearest rows up to {MAX_TOKENS} tokens "
         "if too few")
+COLUMNS = ("example", "tokens", "layer", "head", "query", "key", "query_token", "key_token", "weight",
+           "plain_weight")
 
 
 @dataclass

@@ -100,8 +100,7 @@ class Probe:
         self._batch: list[dict[str, torch.Tensor]] = []
         self.refined_layers: set[int] = set()
         self.calls = 0  # attention calls seen in total
-        self.block_fn = metrics.block_sums  # the per-block metrics (a compiled twin may replace it)
-        self.metrics_path = "eager"
+        self.block_fn = metrics.block_sums  # the per-block metrics: (probs, keep, special, hops, plain, scores, scratch)
         self._scratch = metrics.Scratch()
         if num_heads is not None:
             self._init_totals(num_heads)

@@ -72,12 +72,20 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         out_dir = given[0] / "report"
     else:
         out_dir = outputs.new_run_dir("compare")
-    _make_out_dir(out_dir)
+    created = not out_dir.exists()
+    make_out_dir(out_dir)
     result = ReportResult(out_dir=out_dir, notes=notes)
-    if fmt in ("png", "both"):
-        result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
-    if page is not None:
-        result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    try:
+        if fmt in ("png", "both"):
+            result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
+        if page is not None:
+            result.html = outputs.atomic_write_text(out_dir / HTML_NAME, page)
+    except BaseException:
+        if created:  # a failed report leaves no folder behind
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return result
 
 
@@ -120,6 +128,7 @@ def load_run(path: str | Path) -> Run:
                 layer_means(heads)[["layer", "heads", "flagged_heads"]], on="layer", how="left")
         layers = layers.sort_values("layer", ignore_index=True)
         run = Run(path, name, meta, heads, layers, flagged_table(heads, run_thresholds(meta)))
+        run.patterns = _read_patterns(path)
     elif kind == "refine":
         diagnostics = _read_parquet(path, outputs.DIAGNOSTICS, "refine", (*REQUIRED_HEAD_COLUMNS, "epoch"))
         history = _read_parquet(path, outputs.HISTORY, "refine", REQUIRED_HISTORY_COLUMNS)
@@ -137,7 +146,44 @@ def load_run(path: str | Path) -> Run:
         raise AttnprobeError(
             f"{path / outputs.RUN_JSON} says kind {kind!r}; report reads runs of attnprobe scan or refine"
         )
+    run.extremes = extreme_table(run.heads)
     return run
+
+
+def _read_patterns(run_dir: Path) -> list:
+    """The kept attention patterns of a scan (patterns.parquet), or [] when the scan kept none."""
+    from attnprobe import patterns
+
+    path = run_dir / outputs.PATTERNS
+    if not path.is_file():
+        return []
+    df = _read_parquet(run_dir, outputs.PATTERNS, "scan", patterns.COLUMNS, allow_empty=True)
+    try:
+        return patterns.from_frame(df)
+    except ValueError as exc:
+        raise AttnprobeError(f"{path} is not a complete set of patterns ({exc}); rerun the scan") from None
+
+
+def extreme_table(heads: pd.DataFrame, per_end: int = 2) -> pd.DataFrame:
+    """The most extreme heads, flagged or not: highest and lowest GTD and normalized direct entropy."""
+    import pandas as pd
+
+    rows, seen = [], set()
+    for column, words in (("gtd", "GTD"), ("direct_entropy_norm", "normalized direct entropy")):
+        values = pd.to_numeric(heads[column], errors="coerce")
+        ranked = heads.assign(_v=values).dropna(subset=["_v"]).sort_values(["_v", "layer", "head"], kind="stable")
+        for end, picked in (("highest", ranked.iloc[::-1][:per_end]), ("lowest", ranked[:per_end])):
+            for rec in picked.to_dict("records"):
+                key = (int(rec["layer"]), int(rec["head"]))
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append({"extreme": f"{end} {words}", "layer": key[0], "head": key[1], "gtd": rec["gtd"],
+                             "direct_entropy_norm": rec["direct_entropy_norm"],
+                             "sink_mass": rec.get("sink_mass", float("nan")),
+                             "flagged": "yes" if rec.get("flagged") else "no"})
+    columns = ["extreme", "layer", "head", "gtd", "direct_entropy_norm", "sink_mass", "flagged"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def layer_means(heads: pd.DataFrame) -> pd.DataFrame:
@@ -227,7 +273,8 @@ def _unique_names(runs: Sequence[Run], notes: list[str]) -> None:
         seen.add(name)
 
 
-def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str]) -> pd.DataFrame:
+def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str],
+                  allow_empty: bool = False) -> pd.DataFrame:
     import pandas as pd
     import pyarrow as pa
 
@@ -246,7 +293,7 @@ def _read_parquet(run_dir: Path, file: str, command: str, required: Sequence[str
         raise AttnprobeError(
             f"{path} lacks the column(s) {', '.join(missing)}; rerun the {command} with attnprobe {__version__}"
         )
-    if df.empty:
+    if df.empty and not allow_empty:
         raise AttnprobeError(f"{path} has no rows; rerun the {command}")
     return df
 
@@ -277,7 +324,7 @@ def _check_heads(heads: pd.DataFrame, path: Path, command: str, keys: Sequence[s
     return heads
 
 
-def _make_out_dir(out_dir: Path) -> None:
+def make_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise AttnprobeError(f"output path {out_dir} is a file; pass a folder with --out")
     try:

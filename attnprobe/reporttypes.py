@@ -51,6 +51,7 @@ class Run:
     history: pd.DataFrame | None = None  # refine only
     epoch_layers: dict[float, pd.DataFrame] = field(default_factory=dict)  # refine only: epoch -> layers
     patterns: list[Pattern] = field(default_factory=list)  # patterns.parquet, when the scan kept any
+    extremes: pd.DataFrame | None = None  # the most extreme heads by GTD and entropy (report.extreme_table)
 
     @property
     def kind(self) -> str:
@@ -104,6 +105,7 @@ class Plot:
     png: bytes
     run: str | None = None
     hover: list[Hover] = field(default_factory=list)  # values shown on hover in the HTML page
+    head: tuple[int, int] | None = None  # a (layer, head) thumbnail of the flagged / extreme heads tables
     width: int = 0  # PNG size in pixels (set with ``hover``)
     height: int = 0
 

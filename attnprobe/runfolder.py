@@ -56,9 +56,10 @@ def check_folder(cfg: RefineConfig, out: Path) -> Path | None:
 def prepare_folder(cfg: RefineConfig, out: Path) -> None:
     """Create the run folder (a fresh run) or mark a resumed one incomplete while it changes."""
     if cfg.resume:
+        outputs.lock(out)  # one writer per folder; freed when the process ends
         (out / outputs.RUN_JSON).unlink(missing_ok=True)
         return
-    outputs.prepare_out_dir(out, "refine", cfg.overwrite)
+    outputs.prepare_out_dir(out, "refine", cfg.overwrite)  # takes the folder's lock until the process ends
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # stale checkpoints must never be resumed
 
 

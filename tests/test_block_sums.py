@@ -151,3 +151,15 @@ def test_probe_ignores_logits_it_cannot_use():
     ref.observe(None, probs)
     ref.end()
     _assert_same(probe.totals(), ref.totals(), 0.0)
+
+
+def test_padded_key_zero_falls_back_exactly():
+    """Left padding puts a padded key at position 0 (A_i0 = 0): the log-sum-exp cannot be read off it."""
+    scores, probs, keep = _logits_batch(10, [6, 4])
+    keep = keep.flip(-1)  # padding on the left
+    bias = torch.zeros(keep.shape, dtype=scores.dtype).masked_fill(~keep, torch.finfo(scores.dtype).min)
+    scores = torch.randn(scores.shape, generator=torch.Generator().manual_seed(11), dtype=scores.dtype)
+    scores = scores + bias[:, None, None, :]
+    probs = torch.softmax(scores, -1)
+    assert (probs[1, :, :, 0] == 0).all()
+    _assert_same(metrics.block_sums(probs, keep, scores=scores), _spec(probs, keep), 1e-12)

@@ -29,7 +29,8 @@ OVERRIDES: dict[str, dict] = {
     "convbert": {"embedding_size": HIDDEN},  # head_ratio 2 (the default): 2 attention heads of 4
     "convbert-ratio1": {"embedding_size": HIDDEN, "head_ratio": 1},
     "funnel": {"block_sizes": [1, 1], "num_decoder_layers": 1, "d_model": HIDDEN, "n_head": HEADS,
-               "d_head": HIDDEN // HEADS, "d_inner": 2 * HIDDEN, "num_hidden_layers": None},
+               "d_head": HIDDEN // HEADS, "d_inner": 2 * HIDDEN, "num_hidden_layers": None,
+               "architectures": ["FunnelModel"]},
     "longformer": {"attention_window": 4, "max_position_embeddings": 130},
     "big_bird": {"attention_type": "original_full"},
     "big_bird-sparse": {"attention_type": "block_sparse", "block_size": 2, "num_random_blocks": 1},
@@ -39,7 +40,7 @@ OVERRIDES: dict[str, dict] = {
                       "max_position_embeddings": 130},
     "yoso": {"max_position_embeddings": 130}, "mra": {"max_position_embeddings": 130},
     "ibert": {"max_position_embeddings": 130}, "luke": {"entity_vocab_size": 10, "entity_emb_size": 16},
-    "layoutlm": {}, "lilt": {"max_position_embeddings": 130, "hidden_size": 24, "channel_shrink_ratio": 4}, "markuplm": {"max_position_embeddings": 130},
+    "layoutlm": {}, "lilt": {"max_position_embeddings": 130, "hidden_size": 48, "channel_shrink_ratio": 4}, "markuplm": {"max_position_embeddings": 130},
     "splinter": {}, "roc_bert": {"pronunciation_vocab_size": 10, "shape_vocab_size": 10,
                                  "enable_pronunciation": False, "enable_shape": False},
     "modernbert": {"global_attn_every_n_layers": 1, "local_attention": 8},
