@@ -39,7 +39,7 @@ from bench_scan import token_stream  # the same fixed-length token source as the
 
 VARIANTS = ("baseline", "bp-low", "bp-high")
 READABLE = "bp-high-readable"
-TARGET = 1.15  # bp-high step time / baseline step time should stay at or below this (issue 11)
+TARGET = 1.15  # bp-high step time / baseline step time should stay at or below this
 
 
 def fixed_batches(tokenizer, length: int, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -5,7 +5,7 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
     scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics
-    scan_before        the same forward with the probe of before issue 11 (``BeforeProbe``: the pure metric
+    scan_before        the same forward with the probe of before the 2026-12-02 probe rewrite (``BeforeProbe``: the pure metric
                        functions on 1 MiB blocks, xlogy entropies, no logits), for before/after in one run
     naive              eager forward with ``output_attentions=True``, then python loops over examples and
                        heads computing the same metrics on each ``(n, n)`` matrix with plain torch ops
@@ -151,7 +151,7 @@ def naive_metrics(attentions, keep: torch.Tensor, special: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------- before probe
 
 class BeforeProbe(Probe):
-    """The probe as it was before issue 11: ``query_metrics`` + ``query_sums`` on 1 MiB blocks of heads.
+    """The probe as it was before the 2026-12-02 probe rewrite: ``query_metrics`` + ``query_sums`` on 1 MiB blocks of heads.
 
     Kept here only to measure before and after in one run; it ignores the logits the attention passes.
     """

@@ -7,7 +7,7 @@ Three measurements on one fixed-length batch (the inputs of bench_scan.py):
 2. ``torch.profiler`` on one scan forward: the top operators by self CPU time, grouped by input shape;
 3. the cost of each piece of ``metrics.query_metrics`` / ``query_sums`` on one head chunk of the shape the
    probe uses, next to an equivalent formulation (checked to agree), interleaved, median of repeats;
-4. ``--parts layer``: one layer's probe time before issue 11 (``bench_scan.BeforeProbe``) and now
+4. ``--parts layer``: one layer's probe time before the 2026-12-02 probe rewrite (``bench_scan.BeforeProbe``) and now
    (``Probe.observe`` with the logits, and without them as on the ``output_attentions`` path), and a
    breakdown of both by piece, per layer, interleaved, median of repeats.
 
