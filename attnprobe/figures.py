@@ -51,6 +51,11 @@ def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
                               "Means over heads per layer, before training (epoch 0, dashed) and after each "
                               "epoch, from diagnostics.parquet.",
                               epoch_profiles(run.epoch_layers, _text(run.label), bp_shift), run.name))
+            if len(run.step_layers) >= 3:
+                plots.append(Plot(f"{run.name}-steps.png", f"{run.label}: diagnostics over training steps",
+                                  "Means over heads of each layer at every diagnosis (optimizer step on the x "
+                                  "axis), from diagnostics.parquet: deeper layers in darker colours.",
+                                  step_curves(run.step_layers, _text(run.label)), run.name))
             if run.history is None or run.history.drop(columns=["epoch", "step"], errors="ignore").dropna(
                     how="all").empty:
                 notes.append(f"{run.name}: history.parquet has no evaluations, so there is no training figure.")
@@ -249,6 +254,40 @@ def epoch_profiles(epoch_layers: dict[float, pd.DataFrame], title: str, bp_shift
     else:
         fig.legend(*handles, loc="outside lower center", frameon=False, fontsize=9, ncols=min(len(epochs), 4))
     fig.suptitle(f"{title}: per-layer means over epochs", fontsize=11)
+    return to_png(fig)
+
+
+def step_curves(step_layers: dict[int, pd.DataFrame], title: str) -> bytes:
+    """Each layer's mean of each metric over the optimizer steps it was diagnosed at, one panel per metric."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    panels = [*PROFILE, ("flagged_heads", "flagged heads")]
+    steps = sorted(step_layers)
+    layers = sorted({int(x) for df in step_layers.values() for x in df["layer"]})
+    shades = colormaps["viridis_r"](np.linspace(0.1, 0.9, max(1, len(layers))))
+    fig = Figure(figsize=(10.8, 6.6), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (column, label) in zip(axes, panels):
+        for i, layer in enumerate(layers):
+            values = []
+            for step in steps:
+                df = step_layers[step]
+                row = df[df["layer"] == layer]
+                values.append(float(_numeric(row[column]).iloc[0]) if len(row) and column in row else np.nan)
+            ax.plot(steps, values, marker="o", markersize=3, color=shades[i], label=f"layer {layer}")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if column in ("direct_entropy_norm", "indirect_entropy_norm"):
+            ax.set_ylim(0.0, 1.02)
+        else:
+            ax.set_ylim(bottom=0.0)
+        if column == "flagged_heads":
+            ax.yaxis.get_major_locator().set_params(integer=True)
+    handles = axes[0].get_legend_handles_labels()
+    fig.legend(*handles, loc="outside right center", frameon=False, fontsize=9)
+    fig.suptitle(f"{title}: per-layer means over training steps", fontsize=11)
     return to_png(fig)
 
 

@@ -141,7 +141,7 @@ def load_run(path: str | Path) -> Run:
         heads = by_epoch[epochs[-1]]
         run = Run(path, name, meta, heads, epoch_layers[epochs[-1]], flagged_table(heads, run_thresholds(meta)),
                   history=history.sort_values(["epoch"], kind="stable", ignore_index=True),
-                  epoch_layers=epoch_layers)
+                  epoch_layers=epoch_layers, step_layers=step_layers(diagnostics))
     else:
         raise AttnprobeError(
             f"{path / outputs.RUN_JSON} says kind {kind!r}; report reads runs of attnprobe scan or refine"
@@ -184,6 +184,14 @@ def extreme_table(heads: pd.DataFrame, per_end: int = 2) -> pd.DataFrame:
                              "flagged": "yes" if rec.get("flagged") else "no"})
     columns = ["extreme", "layer", "head", "gtd", "direct_entropy_norm", "sink_mass", "flagged"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def step_layers(diagnostics: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Per-layer means of every diagnosis, keyed by optimizer step (empty without a ``step`` column)."""
+    if "step" not in diagnostics.columns or diagnostics["step"].isna().all():
+        return {}
+    steps = sorted(int(s) for s in diagnostics["step"].dropna().unique())
+    return {s: layer_means(diagnostics[diagnostics["step"] == s].reset_index(drop=True)) for s in steps}
 
 
 def layer_means(heads: pd.DataFrame) -> pd.DataFrame:

@@ -50,6 +50,7 @@ class Run:
     flagged: pd.DataFrame  # the flagged heads: layer, head, a few values, reasons
     history: pd.DataFrame | None = None  # refine only
     epoch_layers: dict[float, pd.DataFrame] = field(default_factory=dict)  # refine only: epoch -> layers
+    step_layers: dict[int, pd.DataFrame] = field(default_factory=dict)  # refine only: optimizer step -> layers
     patterns: list[Pattern] = field(default_factory=list)  # patterns.parquet, when the scan kept any
     extremes: pd.DataFrame | None = None  # the most extreme heads by GTD and entropy (report.extreme_table)
 

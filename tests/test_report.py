@@ -616,3 +616,32 @@ def page_requests(net_log: Path) -> set[str]:
         if "url" in entry and (initiator == "null" or initiator.startswith("file")):
             urls.add(entry["url"])
     return urls
+
+
+def test_diagnostics_over_steps_get_their_own_figure(tmp_path):
+    from attnprobe.report import load_run
+
+    path = write_refine_run(tmp_path / "steps", n_layers=3, n_heads=4, epochs=3)
+    diagnostics = pd.read_parquet(path / "diagnostics.parquet")
+    diagnostics["step"] = (diagnostics["epoch"] * 7).astype(int)  # a diagnosis every 7 steps
+    diagnostics.to_parquet(path / "diagnostics.parquet", index=False)
+    run = load_run(path)
+    assert sorted(run.step_layers) == [0, 7, 14, 21]
+    for step, layers in run.step_layers.items():
+        rows = diagnostics[diagnostics["step"] == step]
+        expected = rows.groupby("layer")["gtd"].mean().to_numpy()
+        np.testing.assert_allclose(layers["gtd"].to_numpy(float), expected)
+    result = write_report([path])
+    names = sorted(p.name for p in result.pngs)
+    assert "steps-steps.png" in names
+    assert_png_ok(path / "report" / "steps-steps.png")
+    assert "diagnostics over training steps" in result.html.read_text(encoding="utf-8")
+
+
+def test_a_single_diagnosis_per_epoch_draws_no_step_figure(tmp_path):
+    path = write_refine_run(tmp_path / "few", epochs=1)  # two diagnoses: before training and after epoch 1
+    diagnostics = pd.read_parquet(path / "diagnostics.parquet")
+    diagnostics["step"] = (diagnostics["epoch"] * 5).astype(int)
+    diagnostics.to_parquet(path / "diagnostics.parquet", index=False)
+    names = sorted(p.name for p in write_report([path]).pngs)
+    assert not any(n.endswith("-steps.png") for n in names)
