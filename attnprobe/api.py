@@ -17,10 +17,13 @@ def scan(model: Any = None, texts: Any = None, data: str | None = None, tokenize
 
     Args:
         model: a ScanConfig (then nothing else may be given), a folder saved with ``save_pretrained``, a
-            model alias (``"minilm-l6"``), a cached hub id, or None for the bundled default.
+            model alias (``"minilm-l6"``), a cached hub id, None for the bundled default, or a transformers
+            model already in memory (then ``tokenizer`` is required; it is scanned as it is, with
+            attnprobe's attention function switched in for the scan and the previous one restored after).
         texts: a string or a list of strings to scan instead of a file.
         data: a data file (.txt, .csv, .tsv, .jsonl, .parquet), read like ``attnprobe scan --data``.
-        tokenizer: a tokenizer path or alias to use instead of the model's own.
+        tokenizer: a tokenizer path or alias to use instead of the model's own; for an in-memory model a
+            tokenizer object, folder or alias.
         **options: any ScanConfig field (``batch_size``, ``max_length``, ``hops``, ``thresholds``, ...).
 
     >>> import attnprobe
@@ -36,12 +39,38 @@ def scan(model: Any = None, texts: Any = None, data: str | None = None, tokenize
     if isinstance(texts, str):
         texts = [texts]
     fields: dict[str, Any] = dict(options)
-    if model is not None:
-        fields["model"] = str(model)
     if texts is not None:
         fields["text"] = tuple(texts)
     if data is not None:
         fields["data"] = str(data)
+    if _in_memory(model):
+        return _scan_module(model, tokenizer, fields)
+    if model is not None:
+        fields["model"] = str(model)
     if tokenizer is not None:
         fields["tokenizer"] = str(tokenizer)
     return scanner.scan(ScanConfig(**fields))
+
+
+# ScanConfig fields about loading a model from disk: they have no meaning for a model already in memory
+_LOADING = ("num_layers", "device", "dtype", "allow_pickle", "trust_remote_code", "tokenizer")
+
+
+def _in_memory(model: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # an nn.Module exists only once torch is imported
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _scan_module(model: Any, tokenizer: Any, fields: dict[str, Any]):
+    from attnprobe import AttnprobeError, inmemory, scanner
+
+    given = sorted(k for k in _LOADING if k in fields)
+    if given:
+        raise AttnprobeError(f"{', '.join(given)}: options for loading a model from disk; an in-memory model "
+                             "is scanned as it is (move or cast it first)")
+    name = f"in-memory {type(model).__name__}"
+    config = ScanConfig(model=name, **fields)
+    with inmemory.probing(model, tokenizer, name=name) as loaded:
+        return scanner.scan(config, loaded=loaded)

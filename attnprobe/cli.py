@@ -408,6 +408,51 @@ def report(
             console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
 
 
+@app.command()
+def show(
+    model: ModelArg = None,
+    text: Annotated[Optional[str], typer.Option("--text", metavar="TEXT", help="The sentence to draw.")] = None,
+    pair: Annotated[Optional[str], typer.Option("--pair", metavar="TEXT", help="A second sentence, read as a pair with --text.")] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", metavar="L", help="Draw the heads of layer L large (repeatable; from 0).")] = None,
+    head: Annotated[Optional[list[int]], typer.Option("--head", metavar="H", help="Draw head H large (repeatable; from 0); with --layer, only those layers.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Output folder (default: a new folder under ./attnprobe-runs/).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, png or both.")] = "both",
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Read at most this many tokens (default: 64).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder or alias.")] = None,
+    num_layers: NumLayers = None,
+    hops: Hops = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    allow_pickle: AllowPickle = None,
+    trust_remote_code: TrustRemote = None,
+):
+    """Draw the attention of one sentence (or pair) over its tokens, with its per-head metrics."""
+    with _errors():
+        from dataclasses import replace
+
+        from attnprobe.config import ShowConfig
+
+        values = {"model": model, "text": text, "pair": pair, "layers": tuple(layer) if layer else None,
+                  "heads": tuple(head) if head else None, "out": str(out) if out else None, "format": fmt,
+                  "max_tokens": max_tokens, "tokenizer": tokenizer, "num_layers": num_layers, "hops": hops,
+                  "device": device, "dtype": dtype, "allow_pickle": allow_pickle,
+                  "trust_remote_code": trust_remote_code}
+        cfg = replace(ShowConfig(), **{k: v for k, v in values.items() if v is not None}).validate()
+        from attnprobe.show import show as show_sentence
+
+        result = show_sentence(cfg)
+        console = _console()
+        for note in result.notes:
+            console.print(f"note: {note}", markup=False, soft_wrap=True)
+        flagged = sum(1 for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES))
+        console.print(f"{len(result.tokens)} tokens; {flagged} of {len(result.heads)} heads flagged on this sentence",
+                      markup=False)
+        if result.html:
+            console.print(f"wrote {result.html}", markup=False)
+        if result.pngs:
+            console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
+
+
 @app.command("models")
 def models_cmd():
     """List the bundled model aliases and where each comes from."""

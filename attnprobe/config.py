@@ -175,6 +175,50 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class ShowConfig:
+    """Options of ``attnprobe show``."""
+
+    model: str = DEFAULT_MODEL
+    text: str | None = None
+    pair: str | None = None
+    layers: tuple[int, ...] = ()
+    heads: tuple[int, ...] = ()
+    out: str | None = None
+    format: str = "both"
+    max_tokens: int = 64
+    num_layers: int | None = None
+    hops: int = 2
+    device: str = "auto"
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def validate(self) -> ShowConfig:
+        if not self.text or not self.text.strip():
+            raise AttnprobeError("show needs --text TEXT (the sentence to draw; --pair adds a second one)")
+        if self.format not in ("html", "png", "both"):
+            raise AttnprobeError(f"unknown --format {self.format!r}; choose html, png or both")
+        if self.max_tokens < 2:
+            raise AttnprobeError(f"--max-tokens must be 2 or more (got {self.max_tokens})")
+        if self.hops < 2:
+            raise AttnprobeError(f"--hops must be 2 or more (got {self.hops})")
+        bad = [x for x in (*self.layers, *self.heads) if x < 0]
+        if bad:
+            raise AttnprobeError(f"--layer and --head count from 0 (got {bad[0]})")
+        _check_common(replace_batch(self))
+        self.thresholds.validate()
+        return self
+
+
+def replace_batch(cfg: Any) -> Any:
+    """``cfg`` seen with the fields ``_check_common`` reads (show has no batch size or max length)."""
+    return types.SimpleNamespace(batch_size=1, max_length=None, num_layers=cfg.num_layers, device=cfg.device,
+                                 dtype=cfg.dtype)
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """Options of ``attnprobe report``."""
 

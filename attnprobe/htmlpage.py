@@ -244,3 +244,52 @@ def _scalar(value: Any, exact: bool = False) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "\u2026"
+
+
+SHOW_COLUMNS = ("layer", "head", "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm",
+                "gtd", "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift")
+
+
+def render_show_page(result, *, generated: str, version: str, thresholds) -> str:
+    """The page of ``attnprobe show``: the sentence, its tokens, the figures, the per-head metrics."""
+    from attnprobe.reporttypes import flag_reasons
+
+    meta = result.meta
+    model = meta["model"].get("name", "model")
+    title = f"attnprobe show: {model}"
+    heads = result.heads
+    if result.selected:
+        keys = set(result.selected)
+        heads = heads[[(int(r.layer), int(r.head)) in keys for r in heads.itertuples()]]
+    columns = [c for c in SHOW_COLUMNS if c in heads.columns and not (c == "bp_shift" and heads[c].isna().all())]
+    metrics = heads[columns].copy()
+    metrics["flags"] = ["; ".join(flag_reasons(rec, thresholds)) or "\u2013" for rec in heads.to_dict("records")]
+    tokens = " ".join(f"<code>{i}:{esc(t)}</code>" for i, t in enumerate(result.tokens))
+    saobp = meta.get("saobp")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="sub">Written by attnprobe {esc(version)} on {esc(generated)}; model <code>{esc(str(model))}</code> '
+        f"({esc(str(meta['model'].get('architecture', '?')))}, {result.pattern.probs.shape[0]} layers x "
+        f"{result.pattern.probs.shape[1]} heads).</p>",
+        f"<p><b>Text:</b> {esc(meta['text'])}</p>",
+    ]
+    if meta.get("pair"):
+        parts.append(f"<p><b>Pair:</b> {esc(meta['pair'])}</p>")
+    if saobp:
+        parts.append(f'<p class="sub">SAOBP model ({esc(json.dumps(saobp))}): the figures show the refined '
+                     "attention the model uses beside the plain attention; bp_shift is the mass it moved.</p>")
+    parts.append(f'<p class="sub">{len(result.tokens)} tokens: {tokens}</p>')
+    if result.notes:
+        parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in result.notes) + "</ul>")
+    parts.extend(figure(p) for p in result.plots)
+    parts.append("<h2>Per-head metrics of this sentence</h2>")
+    parts.append('<p class="sub">Computed by the same probe as <code>attnprobe scan</code> on this one sentence '
+                 "(docs/method.md); flags use the thresholds of the scan defaults or the options given.</p>")
+    parts.append(table(metrics, css="metrics"))
+    parts.append("</main></body></html>\n")
+    return "\n".join(parts)

@@ -250,11 +250,8 @@ def fresh_checkpoint(spec: str, size: str, tokenizer_spec: str | None, folder: P
     layers, hidden = parse_size(size)
     path, _, _ = models.resolve_model(spec)
     config = models.load_config(path, trust_remote_code)
-    if tokenizer_spec is None:
-        tok_path = path
-    else:  # a tokenizer folder needs no config.json
-        tok_path = Path(tokenizer_spec) if Path(tokenizer_spec).is_dir() else models.resolve_model(tokenizer_spec)[0]
-    tokenizer = models.load_tokenizer(tok_path, trust_remote_code)
+    tok_path = path if tokenizer_spec is None else models.resolve_tokenizer(tokenizer_spec)
+    tokenizer = models.load_tokenizer(tok_path, trust_remote_code, given=tokenizer_spec)
     check_mask_token(tokenizer, tokenizer_spec or spec)
     keys = next((k for k in _SHAPE_KEYS if all(hasattr(config, name) for name in k)), None)
     if keys is None:

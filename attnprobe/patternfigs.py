@@ -110,10 +110,13 @@ def head_view(probs: np.ndarray, tokens: Sequence[str], title: str,
     n = len(tokens)
     panels = [("plain attention", plain), ("refined attention (SAOBP)", probs)] if plain is not None else \
         [("attention", probs)]
+    import textwrap
+
     side = min(9.0, max(3.2, 0.17 * n + 1.4))
     font = 8 if n <= 24 else 7 if n <= 40 else 5.5
-    fig = Figure(figsize=(len(panels) * (side + 1.3) + 0.3, side + 1.6 + 0.18 * title.count("\n")),
-                 layout="constrained")
+    width = max(7.5, len(panels) * (side + 1.3) + 0.3)
+    title = "\n".join(textwrap.fill(line, int(width * 12.5)) for line in title.splitlines())
+    fig = Figure(figsize=(width, side + 1.7 + 0.17 * title.count("\n")), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     labels = [token_label(t) for t in tokens]
     image = None
@@ -128,7 +131,7 @@ def head_view(probs: np.ndarray, tokens: Sequence[str], title: str,
         if len(panels) > 1:
             ax.set_title(name, fontsize=10)
     fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02, label="attention weight")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     png = to_png(fig)
     hovers: list[Hover] = []
     if len(panels) * n * n <= MAX_HOVER_CELLS:

@@ -126,7 +126,7 @@ def _saobp_settings(cfg: RefineConfig, spec: str):
     return SaobpSettings(gamma=cfg.effective_gamma, strength=cfg.strength, layers=layers, variant=variant)
 
 
-def _load(cfg: RefineConfig, num_labels: int, label_names: list[str], spec: str):
+def _load(cfg: RefineConfig, num_labels: int, label_names: list[str], spec: str, tokenizer: str | None):
     from attnprobe import models
 
     settings = _saobp_settings(cfg, spec)
@@ -135,7 +135,7 @@ def _load(cfg: RefineConfig, num_labels: int, label_names: list[str], spec: str)
             spec, task=cfg.task, num_labels=num_labels, label_names=label_names,
             num_layers=cfg.num_layers, saobp=settings, device="cpu",  # the Trainer places it
             dtype="float64" if cfg.dtype == "float64" else "float32",  # half precision trains as mixed precision
-            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
+            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     except RuntimeError as exc:  # --bp-layers on an architecture whose attention modules have no layer index
         if "layer index" not in str(exc):
             raise
@@ -247,9 +247,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from attnprobe import evalprobe, scanner, training
-
-    from attnprobe import lineage
+    from attnprobe import evalprobe, lineage, scanner, training
 
     cfg, variant_source = lineage.resolve_variant(cfg.validate())
     masked_lm = cfg.task == "masked-lm"
@@ -263,7 +261,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         init = None if cfg.init is None else mlm.fresh_checkpoint(
             cfg.model, cfg.init, cfg.tokenizer, Path(fresh), cfg.seed, cfg.trust_remote_code)
         transformers.set_seed(cfg.seed)  # the new classifier head is initialised from this
-        loaded = _load(cfg, len(names), names, fresh if init else cfg.model)
+        # a fresh model's folder holds its tokenizer (--tokenizer's, if given) already
+        loaded = _load(cfg, len(names), names, fresh if init else cfg.model, None if init else cfg.tokenizer)
     if init:  # the temporary folder is gone; the run is named after the family it was built from
         loaded.info.update(name=cfg.model, path=None, source=f"--init {cfg.init}", weights_sha256=None)
     settings = loaded.saobp

@@ -73,7 +73,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
     else:
         out_dir = outputs.new_run_dir("compare")
     created = not out_dir.exists()
-    _make_out_dir(out_dir)
+    make_out_dir(out_dir)
     result = ReportResult(out_dir=out_dir, notes=notes)
     try:
         if fmt in ("png", "both"):
@@ -324,7 +324,7 @@ def _check_heads(heads: pd.DataFrame, path: Path, command: str, keys: Sequence[s
     return heads
 
 
-def _make_out_dir(out_dir: Path) -> None:
+def make_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise AttnprobeError(f"output path {out_dir} is a file; pass a folder with --out")
     try:

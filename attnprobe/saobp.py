@@ -235,3 +235,34 @@ def attention_forward(
     del logits
     attn_output = torch.matmul(nn.functional.dropout(probs, p=dropout, training=module.training), value)
     return attn_output.transpose(1, 2).contiguous(), probs
+
+
+def apply(model: nn.Module, variant: str = "bp-high", gamma: float | None = None, strength: float = 1.0,
+          layers: str | list[int] | tuple[int, ...] = "all") -> nn.Module:
+    """Switch SAOBP into a loaded transformers encoder; return the same model.
+
+    The settings go into ``model.config.saobp`` (and ``attn_implementation = "saobp"``), so a folder written
+    by ``model.save_pretrained`` reloads with the same attention once ``import attnprobe`` has run. The
+    checks are refine's: the model must dispatch attention through transformers' AttentionInterface, and
+    ``layers`` other than ``"all"`` need attention modules that know their layer (not ALBERT's shared one).
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (an encoder, with or without a task head).
+        variant: ``bp-low`` (gamma 0.5) or ``bp-high`` (gamma 0.9).
+        gamma: overrides the variant's gamma, in (0, 1).
+        strength: weight of the message term.
+        layers: ``all``, ``lower``, ``upper``, ``"0,2"`` or a list of 0-based layers.
+
+    The transformers glue lives in attnprobe.inmemory, imported here on call so that this module stays
+    pure torch.
+    """
+    from attnprobe import inmemory
+
+    return inmemory.apply_saobp(model, variant=variant, gamma=gamma, strength=strength, layers=layers)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the attention implementation and config the model had before; return the model."""
+    from attnprobe import inmemory
+
+    return inmemory.remove_saobp(model)

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+VARIANTS = ("baseline", "bp-low", "bp-high")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -31,15 +32,16 @@ BUDGETS = {
     "cpu": dict(  # sized for 2 shared cores: about 20 CPU-minutes in all (docs/benchmarks.md)
         vocab=4096, sizes={"mini": "L4-H128", "up": "L4-H192"}, max_length=64, batch=8, steps=250, eval_every=50,
         lr=1e-3, train_docs=3000, eval_docs=100, warmup=0.06, device="cpu", dtype="float32", seeds=[0, 1],
-        finetune=dict(train=600, eval=200, epochs=2, lr=3e-4, batch=16, max_length=64), jobs=2, threads=1,
+        finetune=dict(train=600, eval=200, epochs=1, lr=3e-4, batch=16, max_length=64), jobs=2, threads=1,
+        finetune_variants=("baseline", "bp-high"),  # bp-low is pretrained only: the CPU time did not stretch
     ),
     "gpu": dict(
         vocab=None, sizes={"mini": "mini", "up": "small"}, max_length=128, batch=128, steps=20000, eval_every=1000,
         lr=5e-4, train_docs=None, eval_docs=None, warmup=0.06, device="cuda", dtype="bfloat16", seeds=[0, 1, 2],
         finetune=dict(train=None, eval=None, epochs=3, lr=1e-4, batch=32, max_length=128), jobs=1, threads=8,
+        finetune_variants=VARIANTS,
     ),
 }
-VARIANTS = ("baseline", "bp-low", "bp-high")
 
 
 def train_tokenizer(corpus: Path, vocab: int, folder: Path) -> Path:
@@ -58,7 +60,18 @@ def train_tokenizer(corpus: Path, vocab: int, folder: Path) -> Path:
     return folder
 
 
-def _refine(args: list[str], threads: int, log: Path) -> dict:
+def _finished(run: Path, args: list[str]) -> bool:
+    """A complete run in ``run`` (so a stopped study continues where it was; use a fresh --out for other settings)."""
+    try:
+        meta = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("complete"))
+
+
+def _refine(args: list[str], threads: int, log: Path, run: Path) -> dict:
+    if _finished(run, args):
+        return {"command": "refine " + " ".join(args), "wall_s": None, "reused": True}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "attnprobe", "refine", *args, "--json", "--overwrite", "--no-checkpoints"]
@@ -100,12 +113,14 @@ def lineage(b: dict, size: str, variant: str, seed: int, paths: dict, out: Path,
         pre_args += ["--max-eval-samples", str(b["eval_docs"])]
     if b["train_docs"]:
         pre_args += ["--max-train-samples", str(b["train_docs"])]
-    info = _refine(pre_args, b["threads"], out / f"{name}.log")
+    info = _refine(pre_args, b["threads"], out / f"{name}.log", pre)
     meta = json.loads((pre / "run.json").read_text())
     _record(results, {"stage": "pretrain", "budget": paths["budget"], "size": size, "shape": b["sizes"][size],
                       "variant": variant, "seed": seed, "run": str(pre), **info, "perplexity": meta["final"]["perplexity"],
                       "eval_loss": meta["final"]["eval_loss"], "steps": meta["steps"], "init": meta["init"],
                       "step_time_s": meta["step_time_s"], "history": _history(pre), "layers": _layer_rows(pre)})
+    if variant not in b["finetune_variants"]:
+        return
     for task, train, dev in (("sst2", paths["sst2_train"], paths["sst2_dev"]), ("rte", paths["rte_train"], paths["rte_dev"])):
         run = out / f"{name}-{task}"
         args = [str(pre / "model"), "--train", str(train), "--eval", str(dev), "--out", str(run),
@@ -115,7 +130,7 @@ def lineage(b: dict, size: str, variant: str, seed: int, paths: dict, out: Path,
             args += ["--max-train-samples", str(ft["train"])]
         if ft["eval"]:
             args += ["--max-eval-samples", str(ft["eval"])]
-        info = _refine(args, b["threads"], out / f"{name}-{task}.log")
+        info = _refine(args, b["threads"], out / f"{name}-{task}.log", run)
         meta = json.loads((run / "run.json").read_text())
         _record(results, {"stage": task, "budget": paths["budget"], "size": size, "shape": b["sizes"][size],
                           "variant": meta["variant"], "seed": seed, "run": str(run), **info, **meta["final"],
@@ -139,6 +154,7 @@ def main() -> None:
     ap.add_argument("--family", default="minilm-l6", help="MODEL whose family (and tokenizer on the GPU budget) is used")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--jobs", type=int, default=None, help="lineages run at once")
+    ap.add_argument("--sizes", nargs="+", default=["up", "mini"], help="which sizes to run (default: both)")
     ap.add_argument("--summarize", action="store_true", help="only print the tables from --results")
     args = ap.parse_args()
     b = dict(BUDGETS[args.budget])
@@ -163,6 +179,7 @@ def main() -> None:
     seeds = args.seeds or b["seeds"]
     # the expensive lineage (one size up) first, so two jobs finish together
     plan = [("up", "baseline", s) for s in seeds] + [("mini", v, s) for s in seeds for v in VARIANTS]
+    plan = [p for p in plan if p[0] in args.sizes]
     print(f"{len(plan)} lineages ({args.budget} budget), results -> {results}", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs or b["jobs"]) as pool:
         futures = {pool.submit(lineage, b, size, v, s, paths, out, results): (size, v, s) for size, v, s in plan}
