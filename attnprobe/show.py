@@ -55,8 +55,8 @@ def show(config: ShowConfig, *, loaded=None, write: bool = True) -> ShowResult:
     if loaded is None:
         loaded = models.load_model(config.model, num_layers=config.num_layers, device=config.device,
                                    dtype=config.dtype, allow_pickle=config.allow_pickle,
-                                   trust_remote_code=config.trust_remote_code)
-    if config.tokenizer:
+                                   trust_remote_code=config.trust_remote_code, tokenizer=config.tokenizer)
+    elif config.tokenizer:
         loaded.tokenizer = _other_tokenizer(config.tokenizer, loaded, config.trust_remote_code)
     tokenizer = loaded.tokenizer
     limit = min(config.max_tokens, scanner.effective_max_length(loaded, None))
