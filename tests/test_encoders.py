@@ -313,3 +313,16 @@ def test_failed_report_leaves_no_folder(zoo, in_tmp, monkeypatch):
     with pytest.raises(OSError):
         report.write_report([str(in_tmp / "run")], in_tmp / "rep", "both")
     assert not (in_tmp / "rep").exists()
+
+
+def test_show_takes_the_tokenizer_option(no_tokenizer, in_tmp):
+    from typer.testing import CliRunner
+
+    from attnprobe.cli import app
+
+    res = CliRunner().invoke(app, ["show", str(no_tokenizer), "--text", "hello there", "--out", "s",
+                                   "--format", "html", "--device", "cpu"])
+    assert res.exit_code == 1 and "has no tokenizer files" in res.output
+    res = CliRunner().invoke(app, ["show", str(no_tokenizer), "--tokenizer", "minilm-l6", "--text", "hello there",
+                                   "--out", "s", "--format", "html", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
