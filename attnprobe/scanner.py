@@ -62,12 +62,22 @@ def effective_max_length(loaded, requested: int | None) -> int:
     """``--max-length`` capped at what the model's position embeddings allow."""
     tok_max = getattr(loaded.tokenizer, "model_max_length", None) or 10**9
     pos = getattr(loaded.model.config, "max_position_embeddings", None) or 10**9
-    if loaded.model.config.model_type in ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "data2vec-text"):
-        pos -= 2  # positions start after padding_idx
+    pos -= position_offset(loaded.model)
     limit = min(tok_max, pos, 10**6)
     if limit >= 10**6:
         limit = 512
     return limit if requested is None else min(requested, limit)
+
+
+def position_offset(model) -> int:
+    """Position slots a model reserves before the first token: RoBERTa-style embeddings (RoBERTa, XLM-R,
+    MPNet, X-MOD, I-BERT, LiLT, MarkupLM, Longformer, ...) number positions from ``padding_idx + 1``, which
+    shows as a ``padding_idx`` on their position embedding; BERT-style ones start at 0."""
+    for name, module in model.named_modules():
+        padding_idx = getattr(module, "padding_idx", None)  # nn.Embedding, and I-BERT's QuantEmbedding
+        if name.endswith("position_embeddings") and isinstance(padding_idx, int):
+            return padding_idx + 1
+    return 0
 
 
 def encode_chunk(tokenizer, texts: list[str], pairs: list[str | None] | None, rows: list[int],

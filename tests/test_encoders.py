@@ -326,3 +326,21 @@ def test_show_takes_the_tokenizer_option(no_tokenizer, in_tmp):
     res = CliRunner().invoke(app, ["show", str(no_tokenizer), "--tokenizer", "minilm-l6", "--text", "hello there",
                                    "--out", "s", "--format", "html", "--device", "cpu"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet", "ibert", "xmod", "markuplm"])
+def test_longest_sequence_fits_the_position_table(zoo, kind):
+    """Without --max-length a long text is cut to what the position embeddings hold, counting the slots
+    RoBERTa-style models reserve before the first position; one token more would not fit."""
+    import torch
+    from transformers import AutoModel
+
+    result = attnprobe.scan(str(zoo[kind]), texts=[" ".join(["word"] * 400), "a short one"], device="cpu")
+    used = result.meta["data"]["max_length"]
+    assert result.meta["data"]["truncated"] == 1
+    model = AutoModel.from_pretrained(zoo[kind]).eval()
+    with torch.no_grad():
+        model(input_ids=torch.full((1, used), 2000))  # the longest sequence scanned runs
+        if kind != "bert":  # ...and uses the whole position table
+            with pytest.raises((IndexError, RuntimeError)):  # out of the position (or token-type) table
+                model(input_ids=torch.full((1, used + 1), 2000))
