@@ -276,15 +276,7 @@ def step_curves(step_layers: dict[int, pd.DataFrame], title: str) -> bytes:
                 row = df[df["layer"] == layer]
                 values.append(float(_numeric(row[column]).iloc[0]) if len(row) and column in row else np.nan)
             ax.plot(steps, values, marker="o", markersize=3, color=shades[i], label=f"layer {layer}")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        if column in ("direct_entropy_norm", "indirect_entropy_norm"):
-            ax.set_ylim(0.0, 1.02)
-        else:
-            ax.set_ylim(bottom=0.0)
-        if column == "flagged_heads":
-            ax.yaxis.get_major_locator().set_params(integer=True)
+        _style_metric_axis(ax, column, label, "optimizer step")
     handles = axes[0].get_legend_handles_labels()
     fig.legend(*handles, loc="outside right center", frameon=False, fontsize=9)
     fig.suptitle(f"{title}: per-layer means over training steps", fontsize=11)
@@ -387,8 +379,14 @@ def _cmap(name: str):
 
 def _style_profile_axis(ax, column: str, label: str, layers) -> None:
     """Title, axis labels, limits and ticks shared by every per-layer profile panel."""
+    _style_metric_axis(ax, column, label, "layer")
+    _layer_ticks(ax, layers)
+
+
+def _style_metric_axis(ax, column: str, label: str, xlabel: str) -> None:
+    """Title, x label, grid and the metric's y range (normalized entropies in [0, 1], counts as integers)."""
     ax.set_title(label, fontsize=10)
-    ax.set_xlabel("layer")
+    ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if column in ("direct_entropy_norm", "indirect_entropy_norm"):
         ax.set_ylim(0.0, 1.02)
@@ -396,7 +394,6 @@ def _style_profile_axis(ax, column: str, label: str, layers) -> None:
         ax.set_ylim(bottom=0.0)
     if column == "flagged_heads":
         ax.yaxis.get_major_locator().set_params(integer=True)
-    _layer_ticks(ax, layers)
 
 
 def _layer_ticks(ax: Axes, layers: np.ndarray) -> None:

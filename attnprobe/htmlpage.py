@@ -66,17 +66,24 @@ footer { color: #666; font-size: .82rem; margin-top: 3rem; border-top: 1px solid
 """
 
 
-def render_page(*, runs: Sequence[Run], plots: Sequence[Plot], comparison: pd.DataFrame | None,
-                notes: Sequence[str], generated: str, version: str) -> str:
-    """The whole page as a string; ``comparison`` is the table of several runs (None for one run)."""
-    title = "attnprobe report: " + (runs[0].label if len(runs) == 1 else f"{len(runs)} runs compared")
-    parts = [
+def page_head(title: str) -> str:
+    """The opening of every attnprobe page: doctype, the no-network CSP, the style and the heading."""
+    return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>",
         f"<h1>{esc(title)}</h1>",
+    ])
+
+
+def render_page(*, runs: Sequence[Run], plots: Sequence[Plot], comparison: pd.DataFrame | None,
+                notes: Sequence[str], generated: str, version: str) -> str:
+    """The whole page as a string; ``comparison`` is the table of several runs (None for one run)."""
+    title = "attnprobe report: " + (runs[0].label if len(runs) == 1 else f"{len(runs)} runs compared")
+    parts = [
+        page_head(title),
         f'<p class="sub">Written by attnprobe {esc(version)} on {esc(generated)}.</p>',
         _contents(runs, comparison is not None),
     ]
@@ -267,12 +274,7 @@ def render_show_page(result, *, generated: str, version: str, thresholds) -> str
     tokens = " ".join(f"<code>{i}:{esc(t)}</code>" for i, t in enumerate(result.tokens))
     saobp = meta.get("saobp")
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><main>",
-        f"<h1>{esc(title)}</h1>",
+        page_head(title),
         f'<p class="sub">Written by attnprobe {esc(version)} on {esc(generated)}; model <code>{esc(str(model))}</code> '
         f"({esc(str(meta['model'].get('architecture', '?')))}, {result.pattern.probs.shape[0]} layers x "
         f"{result.pattern.probs.shape[1]} heads).</p>",
