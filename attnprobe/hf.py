@@ -111,7 +111,7 @@ class AttentionDiagnosticsCallback(TrainerCallback):
         """Scan the texts with ``model`` now; log the scalars, append the rows. Every process calls it."""
         import torch
 
-        from attnprobe import inmemory, parallel, scanner
+        from attnprobe import batching, inmemory, parallel, scanner
 
         step = int(state.global_step)
         if step == self._last_step:  # a step probe and an evaluation at the same step: one probe
@@ -128,7 +128,7 @@ class AttentionDiagnosticsCallback(TrainerCallback):
         world = parallel.current_world("cuda" if next(model.parameters()).is_cuda else "cpu")
         with torch.no_grad(), inmemory.probing(model, tokenizer) as loaded:
             probe, _ = scanner.run_batches(loaded, self.chunks, batch_size=self.config.batch_size,
-                                           max_length=scanner.effective_max_length(loaded, self.config.max_length),
+                                           max_length=batching.effective_max_length(loaded, self.config.max_length),
                                            hops=self.config.hops, model=model, world=world)
         heads = scanner.head_frame(probe.totals(), self.config.thresholds)
         heads.insert(0, "step", step)

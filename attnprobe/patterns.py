@@ -67,13 +67,13 @@ class PatternKeeper:
 
 def sequence_pattern(loaded, ids: list[int], token_types: list[int] | None, row: int = 0) -> Pattern:
     """Run one tokenized sequence alone (no padding) and keep its attention in every layer."""
-    from attnprobe import scanner
+    from attnprobe import batching, scanner
     from attnprobe.models import special_token_ids
 
-    enc = scanner.Encoded(ids=[list(ids)], token_types=None if token_types is None else [list(token_types)],
+    enc = batching.Encoded(ids=[list(ids)], token_types=None if token_types is None else [list(token_types)],
                           rows=[row])
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    batch, special, _ = next(scanner.make_batches(enc, 1, pad_id, special_token_ids(loaded.tokenizer),
+    batch, special, _ = next(batching.make_batches(enc, 1, pad_id, special_token_ids(loaded.tokenizer),
                                                   loaded.device))
     keeper = PatternKeeper()
     scanner.forward_batch(loaded, keeper, batch, special)
@@ -104,7 +104,7 @@ class ExamplePicker:
     counts: dict[int, int] = field(default_factory=dict)
 
     def add(self, enc) -> None:
-        """Look at one ``scanner.Encoded`` chunk (rows sorted by length, input order within a length)."""
+        """Look at one ``batching.Encoded`` chunk (rows sorted by length, input order within a length)."""
         types = enc.token_types
         for k, (ids, row) in enumerate(zip(enc.ids, enc.rows)):
             length = len(ids)

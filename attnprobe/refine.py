@@ -247,7 +247,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from attnprobe import evalprobe, lineage, scanner, training
+    from attnprobe import batching, evalprobe, lineage, scanner, training
 
     cfg, variant_source = lineage.resolve_variant(cfg.validate())
     masked_lm = cfg.task == "masked-lm"
@@ -268,7 +268,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         loaded.info.update(name=cfg.model, path=None, source=f"--init {cfg.init}", weights_sha256=None)
     settings = loaded.saobp
     refined = settings is not None
-    max_length = scanner.effective_max_length(loaded, cfg.max_length)
+    max_length = batching.effective_max_length(loaded, cfg.max_length)
     tokenizer = loaded.tokenizer
     if masked_lm:
         mlm.check_mask_token(tokenizer, cfg.model)

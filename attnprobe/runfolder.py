@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from attnprobe import AttnprobeError, outputs
 from attnprobe.config import RefineConfig

@@ -48,7 +48,7 @@ def show(config: ShowConfig, *, loaded=None, write: bool = True) -> ShowResult:
     """Draw one sentence's attention and compute its per-head metrics; write PNGs and/or a page."""
     import torch
 
-    from attnprobe import models, patterns, scanner, tables
+    from attnprobe import batching, models, patterns, scanner, tables
     from attnprobe.probe import Probe
 
     config = config.validate()
@@ -59,10 +59,10 @@ def show(config: ShowConfig, *, loaded=None, write: bool = True) -> ShowResult:
     elif config.tokenizer:
         loaded.tokenizer = _other_tokenizer(config.tokenizer, loaded, config.trust_remote_code)
     tokenizer = loaded.tokenizer
-    limit = min(config.max_tokens, scanner.effective_max_length(loaded, None))
+    limit = min(config.max_tokens, batching.effective_max_length(loaded, None))
     notes: list[str] = []
     full = len(tokenizer(config.text, config.pair)["input_ids"])
-    enc = scanner.encode_chunk(tokenizer, [config.text], [config.pair] if config.pair else None, [0], limit)
+    enc = batching.encode_chunk(tokenizer, [config.text], [config.pair] if config.pair else None, [0], limit)
     if not enc.ids:
         raise AttnprobeError("the text has fewer than 2 tokens after tokenization; pass a longer --text")
     if full > limit:
@@ -75,7 +75,7 @@ def show(config: ShowConfig, *, loaded=None, write: bool = True) -> ShowResult:
     metric_dtype = torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
     probe = Probe(loaded.num_layers, hops=config.hops, metric_dtype=metric_dtype, num_heads=loaded.num_heads or None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch, special, _ = next(scanner.make_batches(enc, 1, pad_id, models.special_token_ids(tokenizer),
+    batch, special, _ = next(batching.make_batches(enc, 1, pad_id, models.special_token_ids(tokenizer),
                                                   loaded.device))
     scanner.forward_batch(loaded, probe, batch, special)
     heads = tables.head_frame(probe.totals(), config.thresholds)

@@ -42,7 +42,8 @@ import torch
 from attnprobe import data, metrics, models
 from attnprobe.config import ScanConfig
 from attnprobe.probe import Probe, means
-from attnprobe.scanner import CHUNK_ROWS, effective_max_length, encode_chunk, forward_batch, make_batches, scan, versions
+from attnprobe.batching import effective_max_length, encode_chunk, make_batches  # noqa: E402
+from attnprobe.scanner import CHUNK_ROWS, forward_batch, scan, versions
 
 MODES = ("eager", "scan", "scan_before", "naive", "output_attentions")
 # Throughput ratios reported: key -> (numerator mode, denominator mode), i.e. seconds of num / seconds of den.

@@ -15,7 +15,7 @@ from attnprobe import AttnprobeError
 from attnprobe.cli import app
 from attnprobe.config import ScanConfig
 from attnprobe.patterns import COLUMNS, PREFERRED, ExamplePicker
-from attnprobe.scanner import Encoded
+from attnprobe.batching import Encoded
 
 TEXTS = [
     "Hi.",  # too short for the preferred range
