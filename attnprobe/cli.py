@@ -226,7 +226,12 @@ def scan(
                 on_progress=(lambda n: progress.advance(task, n)) if progress else None,
                 on_notice=lambda message: typer.echo(f"note: {message}", err=True))
         if world.is_main:
-            _print_scan(result, Path(out_dir), as_json)
+            from attnprobe import summaries
+
+            if as_json:
+                typer.echo(json.dumps(summaries.scan_summary(result, Path(out_dir)), indent=2, default=float))
+            else:
+                summaries.print_scan_summary(result, Path(out_dir), _console())
 
 
 def _check_free(path: Path, overwrite: bool) -> None:
@@ -239,77 +244,6 @@ def _check_free(path: Path, overwrite: bool) -> None:
                 f"output folder {path} already holds a run ({', '.join(existing)}); "
                 "pass --overwrite to replace it or choose another --out"
             )
-
-
-def _fmt(x) -> str:
-    return "-" if x is None or x != x else f"{x:.3f}"
-
-
-def _print_scan(result, out_dir: Path, as_json: bool) -> None:
-    layers = result.layers
-    if as_json:
-        summary = {
-            "out_dir": str(out_dir),
-            "model": result.meta["model"]["name"],
-            "layers": layers[["layer", "direct_entropy", "direct_entropy_norm", "indirect_entropy",
-                              "indirect_entropy_norm", "gtd", "bp_shift", "heads", "flagged_heads"]]
-            .astype(object).where(layers.notna(), None).to_dict(orient="records"),
-            "flagged": [
-                {"layer": int(r.layer), "head": int(r.head), "reasons": _reasons(r)}
-                for r in result.heads.itertuples() if _reasons(r)
-            ],
-            "flagged_heads": [
-                {"layer": int(r.layer), "head": int(r.head), "flags": [n for n in _FLAG_NAMES if bool(getattr(r, n))]}
-                for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES)
-            ],
-            "sequences": result.meta["data"]["sequences_scanned"],
-            "wall_time_s": result.meta["wall_time_s"],
-        }
-        typer.echo(json.dumps(summary, indent=2, default=float))
-        return
-    from rich.table import Table
-
-    meta = result.meta
-    table = Table(title=f"attnprobe scan: {meta['model']['name']} ({meta['data']['sequences_scanned']} sequences)")
-    for col in ("layer", "direct H (norm)", "indirect H (norm)", "GTD", "flagged heads"):
-        table.add_column(col, justify="right")
-    for r in layers.itertuples():
-        table.add_row(str(r.layer), f"{_fmt(r.direct_entropy)} ({_fmt(r.direct_entropy_norm)})",
-                      f"{_fmt(r.indirect_entropy)} ({_fmt(r.indirect_entropy_norm)})", _fmt(r.gtd),
-                      f"{int(r.flagged_heads)}/{int(r.heads)}")
-    console = _console()
-    console.print(table)
-    _print_flagged(result, console)
-    files = "heads.parquet, layers.parquet" + (", examples.parquet" if meta["options"]["per_example"] else "")
-    files += ", patterns.parquet" if result.patterns is not None else ""
-    console.print(f"wrote {out_dir}/ ({files}, run.json)", markup=False)
-
-
-_FLAG_NAMES = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse")
-FLAGGED_LINES = 20  # flagged heads listed after the table; the rest are counted
-
-
-def _print_flagged(result, console) -> None:
-    """After the table: each flagged head with its reasons (values against thresholds), up to a screenful."""
-    from attnprobe.reporttypes import flag_reasons, run_thresholds
-
-    flagged = [r for r in result.heads.to_dict("records") if any(bool(r.get(n)) for n in (*_FLAG_NAMES, "nonfinite_flag"))]
-    if not flagged:
-        console.print("no head is flagged", markup=False)
-        return
-    thresholds = run_thresholds(result.meta)
-    console.print(f"flagged heads ({len(flagged)} of {len(result.heads)}):", markup=False)
-    for r in flagged[:FLAGGED_LINES]:
-        console.print(f"  layer {int(r['layer'])} head {int(r['head'])}: {'; '.join(flag_reasons(r, thresholds))}",
-                      markup=False, soft_wrap=True)
-    if len(flagged) > FLAGGED_LINES:
-        console.print(f"  ... and {len(flagged) - FLAGGED_LINES} more (heads.parquet, or `attnprobe report`)",
-                      markup=False)
-
-
-def _reasons(row) -> list[str]:
-    names = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "nonfinite_flag")
-    return [n for n in names if bool(getattr(row, n))]
 
 
 @app.command()
@@ -447,7 +381,9 @@ def show(
         console = _console()
         for note in result.notes:
             console.print(f"note: {note}", markup=False, soft_wrap=True)
-        flagged = sum(1 for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in _FLAG_NAMES))
+        from attnprobe.summaries import FLAG_NAMES
+
+        flagged = sum(1 for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in FLAG_NAMES))
         console.print(f"{len(result.tokens)} tokens; {flagged} of {len(result.heads)} heads flagged on this sentence",
                       markup=False)
         if result.html:

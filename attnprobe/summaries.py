@@ -1,7 +1,8 @@
-"""The closing summary of a refine: a JSON-ready dict (``--json``) and the rich table printed after it.
+"""The closing summaries of scan and refine: a JSON-ready dict (``--json``) and what is printed instead.
 
-Both are read from a ``refine.RefineResult``: accuracy before and after, and per-layer head means of the
-diagnostics at epoch 0 and at the last epoch.
+A scan's are read from a ``scanner.ScanResult`` (per-layer means, the flagged heads with their reasons); a
+refine's from a ``refine.RefineResult``: accuracy before and after, and per-layer head means of the
+diagnostics at epoch 0 and at the last epoch. cli.py prints them; nothing here reads or writes files.
 """
 
 from __future__ import annotations
@@ -76,3 +77,72 @@ def print_summary(result, console) -> None:
         console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
                       f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
     console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet, run.json)")
+
+
+def scan_summary(result, out_dir) -> dict[str, Any]:
+    """The ``scan --json`` summary: per-layer means, the flagged heads (``flagged_heads``: flag names), timing."""
+    layers = result.layers
+    return {
+        "out_dir": str(out_dir),
+        "model": result.meta["model"]["name"],
+        "layers": layers[["layer", "direct_entropy", "direct_entropy_norm", "indirect_entropy",
+                          "indirect_entropy_norm", "gtd", "bp_shift", "heads", "flagged_heads"]]
+        .astype(object).where(layers.notna(), None).to_dict(orient="records"),
+        "flagged": [
+            {"layer": int(r.layer), "head": int(r.head), "reasons": _reasons(r)}
+            for r in result.heads.itertuples() if _reasons(r)
+        ],
+        "flagged_heads": [
+            {"layer": int(r.layer), "head": int(r.head), "flags": [n for n in FLAG_NAMES if bool(getattr(r, n))]}
+            for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in FLAG_NAMES)
+        ],
+        "sequences": result.meta["data"]["sequences_scanned"],
+        "wall_time_s": result.meta["wall_time_s"],
+    }
+
+
+def print_scan_summary(result, out_dir, console) -> None:
+    """The table printed after a scan, the flagged heads with their reasons, and the files written."""
+    from rich.table import Table
+
+    layers = result.layers
+    meta = result.meta
+    table = Table(title=f"attnprobe scan: {meta['model']['name']} ({meta['data']['sequences_scanned']} sequences)")
+    for col in ("layer", "direct H (norm)", "indirect H (norm)", "GTD", "flagged heads"):
+        table.add_column(col, justify="right")
+    for r in layers.itertuples():
+        table.add_row(str(r.layer), f"{_fmt(r.direct_entropy)} ({_fmt(r.direct_entropy_norm)})",
+                      f"{_fmt(r.indirect_entropy)} ({_fmt(r.indirect_entropy_norm)})", _fmt(r.gtd),
+                      f"{int(r.flagged_heads)}/{int(r.heads)}")
+    console.print(table)
+    _print_flagged(result, console)
+    files = "heads.parquet, layers.parquet" + (", examples.parquet" if meta["options"]["per_example"] else "")
+    files += ", patterns.parquet" if result.patterns is not None else ""
+    console.print(f"wrote {out_dir}/ ({files}, run.json)", markup=False)
+
+
+FLAG_NAMES = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse")
+FLAGGED_LINES = 20  # flagged heads listed after the table; the rest are counted
+
+
+def _print_flagged(result, console) -> None:
+    """After the table: each flagged head with its reasons (values against thresholds), up to a screenful."""
+    from attnprobe.reporttypes import flag_reasons, run_thresholds
+
+    flagged = [r for r in result.heads.to_dict("records") if any(bool(r.get(n)) for n in (*FLAG_NAMES, "nonfinite_flag"))]
+    if not flagged:
+        console.print("no head is flagged", markup=False)
+        return
+    thresholds = run_thresholds(result.meta)
+    console.print(f"flagged heads ({len(flagged)} of {len(result.heads)}):", markup=False)
+    for r in flagged[:FLAGGED_LINES]:
+        console.print(f"  layer {int(r['layer'])} head {int(r['head'])}: {'; '.join(flag_reasons(r, thresholds))}",
+                      markup=False, soft_wrap=True)
+    if len(flagged) > FLAGGED_LINES:
+        console.print(f"  ... and {len(flagged) - FLAGGED_LINES} more (heads.parquet, or `attnprobe report`)",
+                      markup=False)
+
+
+def _reasons(row) -> list[str]:
+    names = ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse", "nonfinite_flag")
+    return [n for n in names if bool(getattr(row, n))]
