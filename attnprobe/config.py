@@ -67,6 +67,7 @@ class ScanConfig:
     dtype: str = "float32"
     per_example: bool = False
     patterns: int = 4  # keep the full attention of this many short examples (patterns.parquet); 0 = off
+    compile: str = "off"  # "on": the compiled per-block metrics where they check out (fused.py)
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -82,6 +83,8 @@ class ScanConfig:
             raise AttnprobeError(f"--limit must be 1 or more (got {self.limit})")
         if self.data is not None and self.text:
             raise AttnprobeError("pass either --data FILE or --text TEXT, not both")
+        if self.compile not in ("off", "on"):
+            raise AttnprobeError(f"--compile must be on or off (got {self.compile!r})")
         if not 0 <= self.patterns <= 64:
             raise AttnprobeError(f"--patterns must be 0 (off) to 64 (got {self.patterns}); each kept example "
                                  "holds every head's full attention")

@@ -256,6 +256,14 @@ def entropy_from_scores(probs: torch.Tensor, scores: torch.Tensor, work: torch.T
     return torch.where(first >= torch.finfo(probs.dtype).tiny, h, float("nan"))
 
 
+def _lse_fallback(h_dir: torch.Tensor, probs: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """``h_dir`` from the log-sum-exp, its non-finite rows (which it cannot serve) recomputed by the log path."""
+    finite = torch.isfinite(h_dir)
+    if bool(finite.all()):
+        return h_dir
+    return torch.where(finite, h_dir, entropy_into(probs, work))
+
+
 def block_sums(
     probs: torch.Tensor,
     keep: torch.Tensor,
@@ -264,6 +272,7 @@ def block_sums(
     plain: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     scratch: Scratch | None = None,
+    rows=None,
 ) -> dict[str, torch.Tensor]:
     """``query_sums(query_metrics(probs, keep, special, hops, plain), keep)``, in few passes over memory.
 
@@ -281,6 +290,11 @@ def block_sums(
         plain: ``(b, h, Q, K)`` attention before SAOBP (for ``bp_shift``), or None.
         scores: ``(b, h, Q, K)`` logits with ``probs = softmax(scores)`` at ``probs``' precision, or None.
         scratch: buffers to reuse (None: allocate).
+        rows: where ``scores`` are given, a function ``(probs, scores, multi, special) -> (h_dir, h_ind, tv,
+            spec)`` that computes those four per-query columns in one go from ``multi`` (the multi-hop
+            attention) and ``special`` (``(b, 1, 1, K)`` 0/1 in probs' dtype), e.g. a compiled
+            ``fused.block_rows``; ``h_dir`` NaN where the log-sum-exp cannot serve (see
+            ``entropy_from_scores``). None: the passes below.
 
     Returns:
         The dict ``query_sums`` returns: ``(b, h)`` float64 sums.
@@ -298,19 +312,21 @@ def block_sums(
             power, spare = spare, power
             multi.add_(power)
         multi.div_(hops - 1)
-    if scores is not None:
-        h_dir = entropy_from_scores(probs, scores, work)
-        finite = torch.isfinite(h_dir)
-        if not bool(finite.all()):
-            h_dir = torch.where(finite, h_dir, entropy_into(probs, work))
+    if scores is not None and rows is not None:
+        flags = (special if special is not None else torch.zeros_like(keep))[:, None, None, :].to(probs.dtype)
+        h_dir, h_ind, tv, spec = rows(probs, scores, multi, flags)
+        h_dir = _lse_fallback(h_dir, probs, work)
     else:
-        h_dir = entropy_into(probs, work)
-    h_ind = entropy_into(multi, work)
-    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
-    if special is not None:
-        spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
-    else:
-        spec = torch.zeros_like(h_dir)
+        if scores is not None:
+            h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
+        else:
+            h_dir = entropy_into(probs, work)
+        h_ind = entropy_into(multi, work)
+        tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
+        if special is not None:
+            spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
+        else:
+            spec = torch.zeros_like(h_dir)
     columns = [h_dir, h_ind, tv, self_mass(probs), local_mass(probs), first_mass(probs), spec]
     if plain is not None:
         columns.append(torch.sub(probs, plain, out=work).abs_().sum(-1).mul_(0.5))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import attnprobe
-from attnprobe import AttnprobeError, encoders, outputs
+from attnprobe import AttnprobeError, encoders, fused, outputs
 from attnprobe.batching import Encoded, effective_max_length, encode_chunk, make_batches
 from attnprobe.config import ScanConfig, to_dict
 from attnprobe.probe import Probe, capturing
@@ -112,27 +112,36 @@ def unpadded_notice(loaded) -> str:
             "without padding (batches of sequences of one length), which is slower")
 
 
+def metric_dtype_of(loaded) -> torch.dtype:
+    """float64 metrics for a float64 model, else float32 (lower-precision attention is upcast)."""
+    return torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
+
+
 def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, hops: int,
                 per_example: bool = False, on_examples: Callable | None = None,
                 on_progress: Callable[[int], None] | None = None,
                 should_stop: Callable[[], int | None] | None = None,
                 on_notice: Callable[[str], None] | None = None,
                 model=None, metric_dtype: torch.dtype | None = None,
-                world=None, on_encoded: Callable[[Encoded], None] | None = None) -> tuple[Probe, dict[str, int]]:
+                world=None, on_encoded: Callable[[Encoded], None] | None = None,
+                block_fn: Callable | None = None) -> tuple[Probe, dict[str, int]]:
     """Stream chunks (objects with texts/pairs/rows) through the model; return the probe and counters.
 
     With a distributed ``world`` (parallel.World) each process takes every ``world.size``-th row of
     each chunk, and the sums and counters are all-reduced at the end, so every process returns the totals.
     ``on_encoded`` sees each tokenized chunk (``scan --patterns`` picks its rows from them).
+    ``block_fn`` replaces the probe's per-block metrics (``fused.prepare``'s compiled path).
     """
     from attnprobe import parallel
 
     world = world or parallel.World()
     tokenizer = loaded.tokenizer
     if metric_dtype is None:
-        metric_dtype = torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
+        metric_dtype = metric_dtype_of(loaded)
     probe = Probe(loaded.num_layers, hops=hops, per_example=per_example, metric_dtype=metric_dtype,
                   num_heads=loaded.num_heads or None)
+    if block_fn is not None:
+        probe.block_fn = block_fn
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
     counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0}
@@ -269,12 +278,17 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
     from attnprobe import patterns as patterns_mod
 
     picker = patterns_mod.ExamplePicker(config.patterns) if config.patterns else None
+    if config.compile == "on" and on_notice is not None and world.is_main:
+        on_notice("compiling the metrics (--compile on); the first compile on a machine takes a minute or so")
+    path = fused.prepare(config.compile, loaded.device, metric_dtype_of(loaded), loaded.num_heads or 1, max_length)
+    if config.compile == "on" and path.name != "compiled" and on_notice is not None and world.is_main:
+        on_notice(f"--compile on: running the plain metrics, because {path.info['reason']}")
     try:
         probe, counts = run_batches(
             loaded, _Chunks(source, config.limit, sink), batch_size=config.batch_size,
             max_length=max_length, hops=config.hops, per_example=config.per_example,
             on_examples=sink.add if sink else None, on_progress=on_progress, should_stop=should_stop,
-            on_notice=on_notice, world=world, on_encoded=picker.add if picker else None)
+            on_notice=on_notice, world=world, on_encoded=picker.add if picker else None, block_fn=path.block_fn)
         if sink is not None:
             sink.flush()
     except BaseException:
@@ -313,6 +327,8 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "device": str(loaded.device),
         "dtype": config.dtype,
         "metric_dtype": str(probe.metric_dtype).replace("torch.", ""),
+        "metrics_path": path.name,
+        "compile": path.info,
         "versions": versions(),
         "seed": config.seed,
         "nonfinite": {"rows": int(heads["nonfinite"].sum()),

@@ -5,6 +5,8 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
     scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics
+    scan_compiled      the same with ``scan --compile on``'s compiled per-block metrics (attnprobe/fused.py),
+                       compiled and checked once per length before the timing
     scan_before        the same forward with the probe of before the 2026-12-02 probe rewrite (``BeforeProbe``: the pure metric
                        functions on 1 MiB blocks, xlogy entropies, no logits), for before/after in one run
     naive              eager forward with ``output_attentions=True``, then python loops over examples and
@@ -45,10 +47,12 @@ from attnprobe.probe import Probe, means
 from attnprobe.batching import effective_max_length, encode_chunk, make_batches  # noqa: E402
 from attnprobe.scanner import CHUNK_ROWS, forward_batch, scan, versions
 
-MODES = ("eager", "scan", "scan_before", "naive", "output_attentions")
+MODES = ("eager", "scan", "scan_compiled", "scan_before", "naive", "output_attentions")
+PROBED = {"scan", "scan_compiled", "scan_before"}
 # Throughput ratios reported: key -> (numerator mode, denominator mode), i.e. seconds of num / seconds of den.
 RATIOS = {"scan_over_eager": ("eager", "scan"), "scan_over_naive": ("naive", "scan"),
-          "scan_before_over_eager": ("eager", "scan_before"), "scan_over_scan_before": ("scan_before", "scan")}
+          "scan_before_over_eager": ("eager", "scan_before"), "scan_over_scan_before": ("scan_before", "scan"),
+          "scan_compiled_over_eager": ("eager", "scan_compiled"), "scan_compiled_over_scan": ("scan", "scan_compiled")}
 NAIVE_METRICS = ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
                  "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass")
 WARMUP_ROWS = 2  # sequences in the warm-up batch: enough to initialise kernels, small next to a real batch
@@ -190,13 +194,24 @@ class Runner:
 
     def __init__(self, loaded, eager, tokenizer, device: torch.device):
         self.loaded, self.eager, self.tokenizer, self.device = loaded, eager, tokenizer, device
+        self.compiled = None  # fused.MetricsPath of scan_compiled, prepared on first use per length
+
+    def prepare_compiled(self, length: int) -> dict:
+        from attnprobe import fused
+
+        self.compiled = fused.prepare("on", self.device, torch.float32, self.loaded.num_heads, length)
+        if self.compiled.name != "compiled":
+            raise SystemExit(f"scan_compiled: the compiled metrics are not used here: {self.compiled.info['reason']}")
+        return self.compiled.info
 
     def run(self, mode: str, batch: dict[str, torch.Tensor], special: torch.Tensor):
         with torch.no_grad():
             if mode == "eager":
                 return self.eager(**batch)
-            if mode in ("scan", "scan_before"):
-                probe = (Probe if mode == "scan" else BeforeProbe)(self.loaded.num_layers, hops=2)
+            if mode in PROBED:
+                probe = (BeforeProbe if mode == "scan_before" else Probe)(self.loaded.num_layers, hops=2)
+                if mode == "scan_compiled":
+                    probe.block_fn = self.compiled.block_fn
                 forward_batch(self.loaded, probe, batch, special)
                 return probe
             if mode == "output_attentions":
@@ -218,12 +233,12 @@ def load_runner(model: str, device: str, need: set[str], dtype: str = "float32")
 
     path, _, _ = models.resolve_model(model)
     loaded = eager = None
-    if need & {"scan", "scan_before"}:
+    if need & PROBED:
         loaded = models.load_model(model, device=device, dtype=dtype)
         if loaded.backend != "attnprobe":
             raise SystemExit(f"{model} runs backend {loaded.backend!r}, not the streamed 'attnprobe' one")
     torch_device = models.pick_device(device)
-    if need - {"scan", "scan_before"}:
+    if need - PROBED:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         eager = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
@@ -263,6 +278,16 @@ def time_length(runner: Runner, length: int, args) -> dict:
         print(f"  naive vs scan per-head means, max abs diff: {result['agreement']['max_abs_diff']:.2e} "
               f"(hidden states attnprobe vs eager: {result['agreement']['hidden_state_max_abs_diff']:.2e})",
               flush=True)
+    if "scan_compiled" in modes:
+        result["compiled"] = runner.prepare_compiled(length)
+        print(f"  scan_compiled: compiled in {result['compiled']['compile_s']:.1f}s", flush=True)
+        if "scan" in modes:
+            now = means(runner.run("scan", *batches[0]).totals())
+            comp = means(runner.run("scan_compiled", *batches[0]).totals())
+            diffs = {k: float((now[k] - comp[k]).abs().max()) for k in NAIVE_METRICS}
+            result["agreement_compiled"] = {"max_abs_diff": max(diffs.values()), "per_metric": diffs}
+            print(f"  scan vs scan_compiled per-head means, max abs diff: {max(diffs.values()):.2e} "
+                  f"({max(diffs, key=diffs.get)})", flush=True)
     if "scan" in modes and "scan_before" in modes:  # the same numbers before and after, on a full batch
         now = means(runner.run("scan", *batches[0]).totals())
         before = means(runner.run("scan_before", *batches[0]).totals())
@@ -317,9 +342,12 @@ def time_length(runner: Runner, length: int, args) -> dict:
     return result
 
 
-TARGETS = {"scan_over_eager": {128: 0.85, 512: 0.45}, "scan_over_naive": {512: 3.0}}
+TARGETS = {"scan_over_eager": {128: 0.85, 512: 0.45}, "scan_compiled_over_eager": {128: 0.85, 512: 0.45},
+           "scan_over_naive": {512: 3.0}}
 LABELS = {"scan_over_eager": "scan/eager throughput", "scan_over_naive": "scan/naive throughput",
-          "scan_before_over_eager": "scan_before/eager throughput", "scan_over_scan_before": "scan/scan_before speed-up"}
+          "scan_before_over_eager": "scan_before/eager throughput", "scan_over_scan_before": "scan/scan_before speed-up",
+          "scan_compiled_over_eager": "scan_compiled/eager throughput",
+          "scan_compiled_over_scan": "scan_compiled/scan speed-up"}
 
 
 def print_timing(res: dict) -> None:

@@ -1,0 +1,166 @@
+"""An optional compiled path for the probe's per-block metrics (``scan --compile on``).
+
+``metrics.block_sums`` makes a few passes over each ``(b, h, Q, K)`` block: a product and two sums for
+the direct entropy, a clamp, a log, a product and a sum for the indirect entropy, a difference, an
+absolute value and a sum for GTD, a product and a sum for the special-token mass. ``block_rows`` writes
+the same four per-query columns as one function that ``torch.compile`` fuses into a few loops over the
+block; ``A @ A`` stays an ordinary matrix product before it. The result is the plain path's numbers up to
+float rounding (the order of the row sums differs), checked at start-up.
+
+``prepare`` decides which path a scan runs. With ``on`` it compiles ``block_rows`` (the first compile on a
+CPU takes tens of seconds; torch caches it on disk for later runs), then, on a block the size of the scan's
+own, checks the compiled columns against the plain path's and times both, and keeps the compiled path
+only if it agrees and is faster. Any failure (no compiler, a compile error, disagreement, slower) keeps
+the plain path, and run.json says which path ran and why. Layers without logits (SAOBP-refined layers,
+lower-precision attention) always take the plain path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from attnprobe import metrics
+
+MODES = ("off", "on")
+# Compiled and plain per-query columns must agree to this relative tolerance (float32 sums of <= K terms).
+RTOL = 1e-4
+TIMING_REPEATS = 3
+
+
+def block_rows(probs: torch.Tensor, scores: torch.Tensor, multi: torch.Tensor, special: torch.Tensor):
+    """The per-query columns of one block: ``(h_dir, h_ind, tv, spec)``, each ``(b, h, Q)``.
+
+    ``h_dir`` from the softmax's log-sum-exp (NaN where ``A_i0`` is below the smallest normal number, for the
+    caller's log-path fallback), ``h_ind`` the entropy of ``multi``, ``tv`` GTD, ``spec`` the mass on the
+    keys where ``special`` (``(b, 1, 1, K)`` 0/1) is 1. The same formulas as ``metrics.block_sums``.
+    """
+    tiny = torch.finfo(probs.dtype).tiny
+    first = probs[..., 0]
+    lse = scores[..., 0] - first.log()
+    h_dir = lse * probs.sum(-1) - (probs * scores).sum(-1)
+    h_dir = torch.where(first >= tiny, h_dir, float("nan"))
+    h_ind = -(multi * multi.clamp_min(tiny).log()).sum(-1)
+    tv = (multi - probs).abs().sum(-1) * 0.5
+    spec = (probs * special).sum(-1)
+    return h_dir, h_ind, tv, spec
+
+
+@dataclass
+class MetricsPath:
+    """Which per-block function the probe runs, and why (run.json ``metrics_path`` and ``compile``)."""
+
+    block_fn: Callable = metrics.block_sums
+    name: str = "plain"
+    info: dict = field(default_factory=dict)
+
+
+def plain(reason: str = "--compile off") -> MetricsPath:
+    return MetricsPath(info={"requested": "off" if reason == "--compile off" else "on", "reason": reason})
+
+
+def prepare(mode: str, device: torch.device | str, dtype: torch.dtype, num_heads: int, max_length: int,
+            compiler: Callable | None = None) -> MetricsPath:
+    """The metrics path for a scan: the plain one, or (``mode="on"``) the compiled one where it is checked.
+
+    Args:
+        mode: ``off`` or ``on``.
+        device, dtype: where and in what precision the probe computes.
+        num_heads, max_length: shape of the check block (the probe's block at the scan's longest sequence).
+        compiler: replaces ``torch.compile`` (tests).
+    """
+    if mode not in MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off":
+        return plain()
+    started = time.perf_counter()
+    compiler = compiler or (lambda fn: torch.compile(fn, dynamic=True))
+    try:
+        rows = compiler(block_rows)
+        check = _check_block(device, dtype, num_heads, max_length)
+        want = _plain_rows(*check)
+        got = rows(*check)  # the first call compiles
+        compile_s = time.perf_counter() - started
+        worst = _disagreement(got, want)
+    except Exception as exc:  # no compiler, a backend error: the plain path, and say why
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return _fallback(f"compiling failed ({type(exc).__name__}: {first_line})", time.perf_counter() - started)
+    if not worst <= RTOL:
+        return _fallback(f"the compiled metrics disagreed with the plain ones (relative {worst:.2e} > {RTOL:g})",
+                         compile_s)
+    probs, scores, _, special = check
+    keep = torch.ones(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device)
+    flags = special[:, 0, 0, :].bool()
+    scratch = metrics.Scratch()
+
+    def fused_fn(probs, keep, special=None, hops=2, plain=None, scores=None, scratch=None):
+        return metrics.block_sums(probs, keep, special, hops, plain, scores, scratch, rows=rows)
+
+    timing = {}
+    for name, fn in (("plain", metrics.block_sums), ("compiled", fused_fn)):
+        fn(probs, keep, flags, 2, None, scores, scratch)  # warm
+    for name, fn in (("plain", metrics.block_sums), ("compiled", fused_fn)) * TIMING_REPEATS:
+        t = time.perf_counter()
+        fn(probs, keep, flags, 2, None, scores, scratch)
+        timing.setdefault(name, []).append(time.perf_counter() - t)
+    plain_s, fused_s = min(timing["plain"]), min(timing["compiled"])  # the least disturbed of each
+    info = {"requested": "on", "compile_s": round(compile_s, 3), "check_block": list(probs.shape),
+            "check_plain_ms": round(plain_s * 1e3, 3), "check_compiled_ms": round(fused_s * 1e3, 3),
+            "max_rel_diff": worst}
+    if not _faster(plain_s, fused_s):
+        info["reason"] = "the compiled metrics were not faster on the check block"
+        return MetricsPath(info=info)
+    info["reason"] = "compiled, checked against the plain path, faster on the check block"
+    return MetricsPath(block_fn=fused_fn, name="compiled", info=info)
+
+
+def _faster(plain_s: float, fused_s: float) -> bool:
+    return fused_s < plain_s
+
+
+def _fallback(reason: str, seconds: float) -> MetricsPath:
+    return MetricsPath(info={"requested": "on", "reason": reason, "compile_s": round(seconds, 3)})
+
+
+def _check_block(device, dtype, num_heads: int, max_length: int):
+    """A block like the probe's at the scan's longest sequence: softmax rows with zeros, padding, specials."""
+    from attnprobe.probe import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS, blocks
+
+    n = max(4, max_length)
+    limit = CHUNK_ELEMENTS if torch.device(device).type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    b0, b1, h0, h1 = blocks(1 << 16, num_heads, n * n, limit)[0]
+    b, h = b1 - b0, h1 - h0
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.randn(b, h, n, n, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    scores[..., -1] = torch.finfo(dtype).min  # a padded key: probability exactly 0
+    probs = scores.softmax(-1)
+    special = torch.zeros(b, 1, 1, n, dtype=dtype)
+    special[..., 0] = 1
+    multi = probs @ probs
+    return tuple(t.to(device) for t in (probs, scores, multi, special))
+
+
+def _plain_rows(probs, scores, multi, special):
+    """The four columns by the plain path's operations (``metrics``), for the check."""
+    work = torch.empty_like(probs)
+    h_dir = metrics.entropy_from_scores(probs, scores, work)
+    h_ind = metrics.entropy_into(multi, work)
+    tv = (multi - probs).abs().sum(-1).mul_(0.5)
+    spec = torch.mul(probs, special, out=work).sum(-1)
+    return h_dir, h_ind, tv, spec
+
+
+def _disagreement(got, want) -> float:
+    """The largest relative difference between two tuples of columns (NaN where either is NaN: inf)."""
+    worst = 0.0
+    for a, b in zip(got, want):
+        a, b = a.double().cpu(), b.double().cpu()
+        if not torch.equal(torch.isnan(a), torch.isnan(b)):
+            return float("inf")
+        a, b = torch.nan_to_num(a), torch.nan_to_num(b)
+        scale = b.abs().clamp_min(1.0)
+        worst = max(worst, float(((a - b).abs() / scale).max()))
+    return worst

@@ -1,0 +1,135 @@
+"""The compiled metrics path (attnprobe/fused.py, ``scan --compile on``).
+
+``fused.block_rows`` is checked uncompiled against the readable spec in float64 on every edge case of
+``metrics.block_sums``; the compiled function against the plain path in float32, through a whole scan;
+and ``prepare``'s fallbacks (a compiler that fails, disagrees or is slower) keep the plain path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from attnprobe import fused, metrics
+from attnprobe.config import ScanConfig
+from attnprobe.scanner import scan
+from tests.test_block_sums import _assert_same, _logits_batch, _spec
+
+
+@pytest.mark.parametrize("pad_bias", [None, float("-inf")])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_rows_equal_spec_float64(seed, pad_bias):
+    scores, probs, keep = _logits_batch(seed, [5, 2, 7, 4], pad_bias=pad_bias)
+    special = torch.zeros_like(keep)
+    special[:, 0] = True
+    special[2, 3] = True
+    for hops in (2, 3):
+        got = metrics.block_sums(probs, keep, special, hops, scores=scores, rows=fused.block_rows)
+        _assert_same(got, _spec(probs, keep, special, hops), 1e-12)
+    _assert_same(metrics.block_sums(probs, keep, None, scores=scores, rows=fused.block_rows), _spec(probs, keep), 1e-12)
+
+
+def test_block_rows_exact_zeros_and_nan_rows():
+    probs = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    probs[0, 0, 0, 0] = 1.0
+    probs[0, 0, 1, 2] = 1.0  # key 0 has probability 0: the log-sum-exp cannot serve this row
+    probs[0, 0, 2, :2] = 0.5
+    keep = torch.ones(1, 3, dtype=torch.bool)
+    got = metrics.block_sums(probs, keep, scores=torch.log(probs), rows=fused.block_rows)
+    _assert_same(got, _spec(probs, keep), 1e-15)
+    scores, probs, keep = _logits_batch(7, [4, 4])
+    scores[1, 0, 2, 1] = float("nan")
+    probs = torch.softmax(scores, -1)
+    got = metrics.block_sums(probs, keep, scores=scores, rows=fused.block_rows)
+    assert got["nonfinite"][1, 0].item() > 0
+    _assert_same(got, _spec(probs, keep), 1e-12)
+
+
+def test_off_is_the_plain_path():
+    path = fused.prepare("off", "cpu", torch.float32, 4, 16)
+    assert path.name == "plain" and path.block_fn is metrics.block_sums
+
+
+def test_failing_compiler_keeps_plain_path():
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return call
+
+    path = fused.prepare("on", "cpu", torch.float32, 4, 16, compiler=broken)
+    assert path.name == "plain" and path.block_fn is metrics.block_sums
+    assert path.info["reason"] == "compiling failed (RuntimeError: no C++ compiler found)"
+
+
+def test_disagreeing_compiler_keeps_plain_path():
+    def wrong(fn):
+        return lambda p, s, m, sp: tuple(x * 1.01 for x in fn(p, s, m, sp))
+
+    path = fused.prepare("on", "cpu", torch.float32, 4, 16, compiler=wrong)
+    assert path.name == "plain" and "disagreed" in path.info["reason"]
+
+
+def test_slower_compiled_path_is_not_chosen():
+    def slow(fn):
+        def call(*args):
+            time.sleep(0.05)
+            return fn(*args)
+        return call
+
+    path = fused.prepare("on", "cpu", torch.float32, 4, 16, compiler=slow)
+    assert path.name == "plain" and path.info["reason"] == "the compiled metrics were not faster on the check block"
+
+
+def test_eager_stand_in_is_chosen_and_used_by_scan(tiny_bert, tmp_path, monkeypatch):
+    """With a 'compiler' that returns the function itself, the fused columns serve the scan's unrefined layers."""
+    calls = []
+
+    def identity(fn):
+        def call(*args):
+            calls.append(args[0].shape)
+            return fn(*args)
+        return call
+
+    real = fused.prepare
+    monkeypatch.setattr(fused, "prepare", lambda *a, **k: real(*a, **k, compiler=identity))
+    texts = ("a short sentence here", "another one, a little longer than the first", "three")
+    off = scan(ScanConfig(model=str(tiny_bert), text=texts, patterns=0))
+    with monkeypatch.context() as m:
+        m.setattr(fused, "_faster", lambda plain_s, fused_s: True)
+        (tmp_path / "on").mkdir()
+        on = scan(ScanConfig(model=str(tiny_bert), text=texts, patterns=0, compile="on"), out_dir=tmp_path / "on")
+    assert on.meta["metrics_path"] == "compiled" and off.meta["metrics_path"] == "plain"
+    assert len(calls) > 2  # the check block, the warm-up, and every layer of every batch
+    cols = [c for c in on.heads.columns if on.heads[c].dtype.kind == "f"]
+    assert ((on.heads[cols] - off.heads[cols]).abs().max().max()) < 1e-5
+    written = json.loads((tmp_path / "on" / "run.json").read_text())
+    assert written["metrics_path"] == "compiled" and written["compile"]["requested"] == "on"
+
+
+@pytest.mark.slow
+def test_torch_compile_agrees_with_plain_scan(tiny_bert):
+    """The real torch.compile: where it is chosen, the heads equal the plain scan's to float32 rounding;
+    where it is not (no compiler, slower here), run.json says why and the numbers are the plain ones."""
+    texts = tuple(f"sentence number {i} with a few more words than before" * (1 + i % 3) for i in range(12))
+    off = scan(ScanConfig(model=str(tiny_bert), text=texts, patterns=0))
+    on = scan(ScanConfig(model=str(tiny_bert), text=texts, patterns=0, compile="on"))
+    assert on.meta["compile"]["reason"]
+    if on.meta["metrics_path"] == "compiled":
+        assert on.meta["compile"]["max_rel_diff"] <= fused.RTOL
+    cols = [c for c in on.heads.columns if on.heads[c].dtype.kind == "f"]
+    assert ((on.heads[cols] - off.heads[cols]).abs().max().max()) < 1e-5
+
+
+def test_bad_compile_value_is_one_line(tiny_bert, in_tmp):
+    from typer.testing import CliRunner
+
+    from attnprobe.cli import app
+
+    result = CliRunner().invoke(app, ["scan", str(tiny_bert), "--text", "hello there", "--compile", "maybe",
+                                      "--out", "run"])
+    assert result.exit_code == 1
+    assert "--compile must be on or off" in result.output and len(result.output.strip().splitlines()) <= 2
+    assert not (in_tmp / "run").exists()
