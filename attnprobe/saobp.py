@@ -116,18 +116,19 @@ def saobp_probs_readable(scores: torch.Tensor, gamma: float, strength: float = 1
 
 
 class _Messages(torch.autograd.Function):
-    """The message term ``W @ L``, ``L = log1p(-gamma * A)``, from ``A`` with a hand-written backward that keeps
-    only ``W`` and ``L`` (``A`` is the caller's softmax output, kept anyway) and makes fewer passes over
-    ``(B, H, Q, K)`` memory than autograd's graph of the readable form (``saobp_probs_readable``).
+    """The refined logits ``Z = S + strength * (W @ L)``, ``L = log1p(-gamma * A)``, from ``S`` and ``A`` with a
+    hand-written backward that keeps only ``A``, ``W`` and ``L`` and makes fewer passes over ``(B, H, Q, K)``
+    memory than autograd's graph of the readable form (``saobp_probs_readable``). The sum with ``S`` is the
+    matrix product's own accumulation (``baddbmm``), not another pass.
 
-    Backward, with ``G = dloss/d(W @ L)`` and ``r_i = 1 / sum_{j != i} A_ij`` (0 for a row without
-    off-diagonal mass): ``dW = G @ L^T``, ``dL = W^T @ G``, and the gradient of ``A`` is
-    ``r_i * (dW_ij - sum_j' dW_ij' W_ij')`` off the diagonal (the renormalization; 0 on it) plus
-    ``-gamma * dL / (1 - gamma * A)`` (the messages).
+    Backward, with ``dZ`` the incoming gradient: ``dS = dZ``; with ``G = strength * dZ`` and
+    ``r_i = 1 / sum_{j != i} A_ij`` (0 for a row without off-diagonal mass): ``dW = G @ L^T``,
+    ``dL = W^T @ G``, and the gradient of ``A`` is ``r_i * (dW_ij - sum_j' dW_ij' W_ij')`` off the diagonal
+    (the renormalization; 0 on it) plus ``-gamma * dL / (1 - gamma * A)`` (the messages).
     """
 
     @staticmethod
-    def forward(ctx, probs, gamma: float):
+    def forward(ctx, scores, probs, gamma: float, strength: float):
         weights = probs.clone()  # (B, H, Q, Q)
         weights.diagonal(dim1=-2, dim2=-1).zero_()  # A without its diagonal
         total = weights.sum(-1, keepdim=True)  # (B, H, Q, 1): the off-diagonal mass, summed directly
@@ -135,30 +136,35 @@ class _Messages(torch.autograd.Function):
         weights.mul_(inverse)  # W, rows renormalized; a row with no off-diagonal mass stays 0
         logs = torch.mul(probs, -gamma).log1p_()  # (B, H, K, K): log of the messages 1 - gamma * A
         ctx.save_for_backward(probs, weights, logs, inverse)
-        ctx.gamma = gamma
-        return weights @ logs  # (B, H, Q, K)
+        ctx.gamma, ctx.strength = gamma, strength
+        *lead, q, k = scores.shape
+        z = torch.baddbmm(scores.reshape(-1, q, k), weights.reshape(-1, q, q), logs.reshape(-1, k, k),
+                          alpha=strength)
+        return z.view(*lead, q, k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         probs, weights, logs, inverse = (t.to(grad.dtype) for t in ctx.saved_tensors)
-        gamma = ctx.gamma
-        grad_probs = torch.matmul(grad, logs.transpose(-1, -2))  # dW, (B, H, Q, Q)
-        grad_logs = torch.matmul(weights.transpose(-1, -2), grad)  # dL, (B, H, K, K)
+        gamma, strength = ctx.gamma, ctx.strength
+        g = grad if strength == 1.0 else grad * strength  # G, the gradient of W @ L
+        grad_probs = torch.matmul(g, logs.transpose(-1, -2))  # dW, (B, H, Q, Q)
+        grad_logs = torch.matmul(weights.transpose(-1, -2), g)  # dL, (B, H, K, K)
         # renormalization: W_ij = A_ij * r_i off the diagonal; W_ii = 0 carries no gradient
         centred = torch.linalg.vecdot(grad_probs, weights).unsqueeze(-1)  # (B, H, Q, 1)
         grad_probs.sub_(centred).mul_(inverse)
         grad_probs.diagonal(dim1=-2, dim2=-1).zero_()
         # messages: dL/dA = -gamma / (1 - gamma * A)
-        return grad_probs.addcdiv_(grad_logs, torch.rsub(probs, 1.0, alpha=gamma), value=-gamma), None
+        grad_probs.addcdiv_(grad_logs, torch.rsub(probs, 1.0, alpha=gamma), value=-gamma)
+        return grad, grad_probs, None, None
 
 
 def saobp_probs(scores: torch.Tensor, gamma: float, strength: float = 1.0,
                 probs: torch.Tensor | None = None) -> torch.Tensor:
     """Refined attention ``Â = softmax(S + strength * (W @ log1p(-gamma * A)))``.
 
-    The message term has a fused forward and a hand-written backward (``_Messages``); ``saobp_probs_readable``
-    is the same formula term by term and the specification it is tested against.
+    The refined logits have a fused forward and a hand-written backward (``_Messages``);
+    ``saobp_probs_readable`` is the same formula term by term and the specification it is tested against.
 
     Args:
         scores: ``(B, H, Q, K)`` attention logits including the additive padding bias (``Q == K``).
@@ -177,8 +183,7 @@ def saobp_probs(scores: torch.Tensor, gamma: float, strength: float = 1.0,
         probs = torch.softmax(scores, dim=-1)
     if gamma == 0.0 or strength == 0.0:
         return probs
-    messages = _Messages.apply(probs, float(gamma))  # (B, H, Q, K)
-    return torch.add(scores, messages, alpha=strength).softmax(dim=-1)
+    return _Messages.apply(scores, probs, float(gamma), float(strength)).softmax(dim=-1)
 
 
 def _layer_of(module: nn.Module) -> int | None:

@@ -197,11 +197,13 @@ def test_fused_equals_readable_on_random_scores(n, pad, gamma, strength, sharp, 
 
 
 def test_gradcheck_of_the_message_term_on_any_probabilities():
-    # the hand-written backward of W @ log1p(-gamma * A) for A that need not be a softmax of the same scores
+    # the hand-written backward of S + strength * W @ log1p(-gamma * A), for A that need not be softmax(S)
     torch.manual_seed(8)
     probs = torch.softmax(torch.randn(2, 2, 5, 5, dtype=torch.float64), -1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a: _Messages.apply(a, 0.9), (probs,), eps=1e-6, atol=1e-7)
-    assert torch.autograd.gradcheck(lambda a: _Messages.apply(a, 0.5), (probs,), eps=1e-6, atol=1e-7)
+    scores = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    for gamma, strength in ((0.9, 1.0), (0.5, 1.0), (0.9, 0.7)):
+        assert torch.autograd.gradcheck(lambda s, a: _Messages.apply(s, a, gamma, strength), (scores, probs),
+                                        eps=1e-6, atol=1e-7)
 
 
 def test_fused_runs_under_bfloat16_autocast_like_the_readable_form():
