@@ -308,6 +308,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
                    *training.tensorboard_callbacks(cfg.report_to, out, is_main=is_main)],
         eval_probe=eval_probe)  # diagnostics from the eval pass where it can carry the probe
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
+    if cfg.report_to != "none":  # the diagnostics' scalars go to the trackers through Trainer.log
+        recorder.log = trainer.log
     if show_progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(training.QuietProgress)

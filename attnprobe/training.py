@@ -260,6 +260,9 @@ class EpochRecorder(TrainerCallback):
         is_main: whether this process keeps the rows and writes files.
         settings: what the run was started with, stored with the rows to check a resume against.
         diagnose_every: also diagnose after every this many steps that no evaluation follows (--diagnose-every).
+
+    ``log``, where set (refine ``--report-to``: the Trainer's ``log``), receives the scalars of each block of
+    diagnostics (``hf.scalars``: per-layer means and flagged-head counts), so the trackers get them too.
     """
 
     def __init__(self, diagnose: Callable[[Any, float, int], list[dict]], *, is_main: bool,
@@ -272,6 +275,15 @@ class EpochRecorder(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self.diagnostics: list[dict[str, Any]] = []
         self._pending_loss = float("nan")
+        self.log: Callable[[dict[str, float]], Any] | None = None
+
+    def _send(self, rows: list[dict]) -> None:
+        if self.log is not None and rows and self.is_main:
+            import pandas as pd
+
+            from attnprobe import hf
+
+            self.log(hf.scalars(pd.DataFrame.from_records(rows)))
 
     def restore(self, progress: dict[str, Any]) -> None:
         self.history = list(progress.get("history", []))
@@ -288,6 +300,7 @@ class EpochRecorder(TrainerCallback):
             self._stepped = (int(state.global_step), len(self.diagnostics))
             if self.is_main:
                 self.diagnostics.extend(rows)
+            self._send(rows)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         metrics = metrics or {}
@@ -308,6 +321,8 @@ class EpochRecorder(TrainerCallback):
             del self.diagnostics[self._stepped[1]:]
         if self.is_main:
             self.diagnostics.extend(rows)
+        if self._stepped is None or self._stepped[0] != step:  # a step already sent at on_step_end is not resent
+            self._send(rows)
 
     def on_save(self, args, state, control, **kwargs):
         if self.is_main:

@@ -23,10 +23,13 @@ if [ "$DEVICE" = cuda ]; then
 fi
 # Scan throughput against the eager forward on this device: 10,000 sequences at 128 and 512 tokens, float32 and
 # bfloat16, the two modes alternated batch by batch (one pass; the warm-up batch is not counted).
+# In float32 also scan --compile on's compiled metrics (scan_compiled; bfloat16 attention takes the plain path).
 for dtype in float32 bfloat16; do
+    modes="eager scan"
+    [ "$dtype" = float32 ] && [ "${GPU_BENCH_COMPILED:-1}" = 1 ] && modes="eager scan scan_compiled"
     python bench/bench_scan.py --device "$DEVICE" --dtype "$dtype" --lengths 128 512 \
         --batch-size "${GPU_BENCH_BATCH:-32}" --sequences "${GPU_BENCH_SEQUENCES:-10000}" --repeats 1 \
-        --modes eager scan --skip-memory --quiet-batches --json "$OUT_DIR/gpu-throughput-$dtype.json" \
+        --modes $modes --skip-memory --quiet-batches --json "$OUT_DIR/gpu-throughput-$dtype.json" \
         2>&1 | tee "$OUT_DIR/gpu-throughput-$dtype.txt"
 done
 python - "$OUT_DIR" <<'PY' 2>&1 | tee "$OUT_DIR/gpu-throughput.txt"
@@ -44,6 +47,10 @@ for dtype in ("float32", "bfloat16"):
         print(f"  {doc['env']['device']} {dtype:<9} L={res['length']:<4} {m['scan']['sequences']} sequences: "
               f"scan {m['scan']['total_s']:.1f}s, eager {m['eager']['total_s']:.1f}s, scan/eager "
               f"{res['scan_over_eager']:.3f} (paired median {res['scan_over_eager_paired_median']:.3f})")
+        if "scan_compiled" in m:
+            print(f"  {'':<{len(doc['env']['device'])}} {dtype:<9} L={res['length']:<4} compiled metrics: "
+                  f"{m['scan_compiled']['total_s']:.1f}s, scan_compiled/eager {res['scan_compiled_over_eager']:.3f} "
+                  f"(paired median {res['scan_compiled_over_eager_paired_median']:.3f})")
 PY
 if [ "$DEVICE" = cuda ]; then
     python -m attnprobe scan minilm-l6 --device cuda --dtype bfloat16 --out "$OUT_DIR/gpu-scan-bf16" --overwrite --json \

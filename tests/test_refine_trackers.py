@@ -55,6 +55,14 @@ def test_report_to_tensorboard_and_diagnose_every(work):
     assert diagnostics["bp_shift"].notna().all()
     gtd = diagnostics.groupby("step")["gtd"].mean()
     assert gtd.nunique() == len(gtd)  # each block is the model at its own step
+    # the diagnostics' scalars reach the tracker too: per-layer means of diagnostics.parquet at every step
+    for layer in (0, 1):
+        logged = {e.step: e.value for e in acc.Scalars(f"train/attnprobe/layer_{layer}/gtd")}
+        want = diagnostics[diagnostics["layer"] == layer].groupby("step")["gtd"].mean()
+        assert sorted(logged) == want.index.tolist()
+        assert [logged[s] for s in sorted(logged)] == pytest.approx(want.tolist(), abs=1e-6)
+    flagged = {e.step: e.value for e in acc.Scalars("train/attnprobe/flagged_heads")}
+    assert sorted(flagged) == sorted(diagnostics["step"].unique())
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow", "trackio"])
