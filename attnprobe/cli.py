@@ -289,6 +289,7 @@ def refine(
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
     diagnose_every: Annotated[Optional[int], typer.Option("--diagnose-every", metavar="STEPS", help="Also take the diagnostics every STEPS steps between evaluations.")] = None,
     report_to: Annotated[Optional[str], typer.Option("--report-to", help="Experiment tracker for the Trainer's logs: tensorboard, wandb, mlflow, trackio or none (default: none).")] = None,
+    patterns: Annotated[Optional[int], typer.Option("--patterns", metavar="N", help="Keep every head's full attention for N eval examples before and after training in patterns.parquet; 0 turns it off (default: 4).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
     """Fine-tune MODEL (sequence classification, or masked-LM pretraining) with SAOBP attention; diagnostics
@@ -307,7 +308,7 @@ def refine(
             "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
             "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
-            "diagnose_every": diagnose_every, "report_to": report_to,
+            "diagnose_every": diagnose_every, "report_to": report_to, "patterns": patterns,
         })
         from attnprobe import outputs, refine as refine_mod, summaries
 

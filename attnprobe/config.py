@@ -85,9 +85,7 @@ class ScanConfig:
             raise AttnprobeError("pass either --data FILE or --text TEXT, not both")
         if self.compile not in ("off", "on"):
             raise AttnprobeError(f"--compile must be on or off (got {self.compile!r})")
-        if not 0 <= self.patterns <= 64:
-            raise AttnprobeError(f"--patterns must be 0 (off) to 64 (got {self.patterns}); each kept example "
-                                 "holds every head's full attention")
+        _check_patterns(self.patterns)
         self.thresholds.validate()
         return self
 
@@ -137,6 +135,7 @@ class RefineConfig:
     eval_every: int | None = None
     diagnose_every: int | None = None
     report_to: str = "none"
+    patterns: int = 4  # keep the full attention of this many eval examples before and after training; 0 = off
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> RefineConfig:
@@ -171,6 +170,7 @@ class RefineConfig:
             raise AttnprobeError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.hops < 2:
             raise AttnprobeError(f"--hops must be 2 or more (got {self.hops})")
+        _check_patterns(self.patterns)
         self.thresholds.validate()
         return self
 
@@ -239,6 +239,12 @@ class ReportConfig:
         if self.format not in ("html", "png", "both"):
             raise AttnprobeError(f"unknown --format {self.format!r}; choose html, png or both")
         return self
+
+
+def _check_patterns(n: int) -> None:
+    if not 0 <= n <= 64:
+        raise AttnprobeError(f"--patterns must be 0 (off) to 64 (got {n}); each kept example holds every "
+                             "head's full attention")
 
 
 def _check_common(cfg: Any) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from attnprobe import thumbfigs
 from attnprobe.patternfigs import FLAG_COLOR, FLAG_STYLES, cell_hovers, flag_boxes, flag_legend, to_png
 from attnprobe.reporttypes import Hover, Plot, Run
 
@@ -29,8 +30,7 @@ PROFILE = (
 DIFF = (("gtd", "GTD"), ("direct_entropy_norm", "normalized direct entropy"))
 LINE_STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-ANNOTATE_MAX = (8, 16)
-MAX_THUMBNAILS = 48  # head thumbnails per run  # write values into cells up to this many layers x heads
+ANNOTATE_MAX = (8, 16)  # write values into cells up to this many layers x heads
 
 
 def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
@@ -69,7 +69,7 @@ def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
                               "(bottom), from layers.parquet.",
                               layer_profile(run.layers, _text(run.label), run.thresholds.entropy_collapse),
                               run.name))
-        plots.extend(head_thumbnails(run, notes))
+        plots.extend(thumbfigs.head_plots(run, notes))  # the head tables' thumbnails
     if len(runs) < 2:
         return plots
     first = runs[0]
@@ -91,28 +91,6 @@ def render_all(runs: Sequence[Run], notes: list[str]) -> list[Plot]:
         notes.append(f"The runs use different models ({', '.join(sorted(models))}); per-head differences "
                      "compare heads by position only.")
     return plots
-
-
-def head_thumbnails(run: Run, notes: list[str]) -> list[Plot]:
-    """A thumbnail per flagged head and per extreme head: its pattern on each example the scan kept."""
-    from attnprobe.patternfigs import thumbnails
-
-    if not run.patterns:
-        if run.kind == "scan":
-            notes.append(f"{run.name}: the scan kept no attention patterns (patterns.parquet), so the head "
-                         "tables have no thumbnails; rerun the scan with --patterns 4.")
-        return []
-    heads = [(int(r.layer), int(r.head)) for r in run.flagged.itertuples()]
-    heads += [(int(r.layer), int(r.head)) for r in run.extremes.itertuples()] if run.extremes is not None else []
-    heads = list(dict.fromkeys(heads))
-    if len(heads) > MAX_THUMBNAILS:
-        notes.append(f"{run.name}: thumbnails are drawn for the first {MAX_THUMBNAILS} of {len(heads)} heads.")
-        heads = heads[:MAX_THUMBNAILS]
-    n_layers, n_heads = run.patterns[0].probs.shape[:2]
-    return [Plot(f"{run.name}-head-L{layer}-H{head}.png", f"layer {layer}, head {head}",
-                 f"Attention of layer {layer}, head {head} on the examples kept by the scan (queries down, "
-                 "keys across).", thumbnails(run.patterns, layer, head), run.name, head=(layer, head))
-            for layer, head in heads if layer < n_layers and head < n_heads]
 
 
 def heatmaps(heads: pd.DataFrame, shape: tuple[int, int], title: str, thresholds=None,

@@ -144,12 +144,21 @@ def _run_section(run: Run, plots: Sequence[Plot]) -> str:
                      "flagged or not.</p>")
         parts.append(table(run.extremes, css="extremes", thumbs=thumbs))
     if thumbs:
-        parts.append('<p class="sub">Thumbnails: the head\'s attention on the examples the scan kept '
-                     "(patterns.parquet), queries down, keys across, darker = less weight.</p>")
+        parts.append(f'<p class="sub">{esc(_thumbs_note(run))}</p>')
     # The full run.json is long: folded (plain HTML, no script), after the results.
     parts.append(f"<details><summary><h3>Run metadata</h3></summary>{_meta_table(run.meta)}</details>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _thumbs_note(run: Run) -> str:
+    if run.kind == "refine":
+        kept = ("the eval examples the refine kept (patterns.parquet), before training and after it; in "
+                "refined layers of an SAOBP run also the plain attention before refinement")
+    else:
+        kept = "the examples the scan kept (patterns.parquet)"
+    return (f"Thumbnails: the head's attention on {kept}; queries down, keys across, darker = less weight. "
+            "Hover a cell for its weight.")
 
 
 def _meta_table(meta: dict[str, Any]) -> str:
@@ -197,8 +206,7 @@ def table(df: pd.DataFrame, css: str, thumbs: dict | None = None) -> str:
         if with_thumbs:
             plot = thumbs.get((int(record.layer), int(record.head)))
             if plot is not None:
-                data = base64.b64encode(plot.png).decode("ascii")
-                cells.append(f'<td class="thumb"><img alt="{esc(plot.title)}" src="data:image/png;base64,{data}"></td>')
+                cells.append(f'<td class="thumb">{image(plot)}</td>')
             else:
                 cells.append("<td></td>")
         for value in record:
@@ -212,7 +220,12 @@ def table(df: pd.DataFrame, css: str, thumbs: dict | None = None) -> str:
 
 
 def figure(plot: Plot) -> str:
-    """One figure as <figure> with the PNG inline as a data: URI.
+    """One figure as <figure> with the PNG inline as a data: URI (``image``) and its caption."""
+    return f"<figure>{image(plot)}<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)}</figcaption></figure>"
+
+
+def image(plot: Plot) -> str:
+    """A plot's PNG as an <img> with a data: URI.
 
     A plot with ``hover`` rectangles gets an SVG laid over the image whose rectangles carry ``<title>``
     elements: the browser shows each cell's value as a tooltip, without any script.
@@ -224,7 +237,7 @@ def figure(plot: Plot) -> str:
                         f"<title>{esc(h.text)}</title></rect>" for h in plot.hover)
         img = (f'<div class="hov">{img}<svg viewBox="0 0 {plot.width} {plot.height}" '
                f'preserveAspectRatio="none" aria-hidden="true">{rects}</svg></div>')
-    return f"<figure>{img}<figcaption><b>{esc(plot.title)}.</b> {esc(plot.caption)}</figcaption></figure>"
+    return img
 
 
 def esc(value: str) -> str:

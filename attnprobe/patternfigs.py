@@ -1,8 +1,9 @@
-"""Figures of attention patterns over tokens: one head large, every head of a model small, thumbnails.
+"""Figures of attention patterns over tokens: one head large, every head of a model small (``attnprobe show``).
 
-Also the pieces the per-head metric heatmaps share with them: the flag boxes (one red box per flagged
-head, its line style saying which flag) and the hover rectangles the HTML page lays over a PNG. Object-
-oriented matplotlib only, like figures.py; nothing here reads or writes files.
+Also the pieces the per-head metric heatmaps and the report's thumbnails (thumbfigs.py) share with them:
+the flag boxes (one red box per flagged head, its line style saying which flag) and the hover rectangles
+the HTML page lays over a PNG. Object-oriented matplotlib only, like figures.py; nothing here reads or
+writes files.
 """
 
 from __future__ import annotations
@@ -178,26 +179,4 @@ def model_view(probs: np.ndarray, flags: dict[tuple[int, int], list[str]], title
                    ncols=3, title="red frame: flagged on this sentence (first flag's line style)",
                    title_fontsize=7)
     fig.suptitle(title, fontsize=10)
-    return to_png(fig)
-
-
-def thumbnails(patterns: Sequence, layer: int, head: int, title: str = "") -> bytes:
-    """One head's attention on each kept example, small, with the tokens on both axes."""
-    from matplotlib.figure import Figure
-
-    count = len(patterns)
-    fig = Figure(figsize=(2.35 * count + 0.3, 2.75), layout="constrained")
-    axes = fig.subplots(1, count, squeeze=False).ravel()
-    for ax, pattern in zip(axes, patterns):
-        grid = pattern.probs[layer, head].numpy()
-        n = grid.shape[0]
-        ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-        labels = [token_label(t, 8) for t in pattern.tokens]
-        font = 4.5 if n <= 24 else 3.5
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
-        ax.set_yticks(range(n), labels, fontsize=font)
-        ax.tick_params(length=1, pad=1)
-        ax.set_title(f"example {pattern.row}", fontsize=6.5, pad=2)
-    if title:
-        fig.suptitle(title, fontsize=7)
     return to_png(fig)

@@ -12,7 +12,7 @@ the probe's code path, so the scan's numbers are the same with and without ``--p
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,17 +27,20 @@ RULE = (f"rows of {PREFERRED[0]}-{PREFERRED[1]} tokens at evenly spaced quantile
         "if too few")
 COLUMNS = ("example", "tokens", "layer", "head", "query", "key", "query_token", "key_token", "weight",
            "plain_weight")
+STAGES = ("before", "after")  # a refine run's patterns.parquet: before training, and of the trained model
 
 
 @dataclass
 class Pattern:
     """One sequence's attention: ``probs`` ``(L, H, n, n)`` float32, ``plain`` the same before SAOBP
-    (NaN in layers that are not refined; None when no layer is), its token strings and input row."""
+    (NaN in layers that are not refined; None when no layer is), its token strings and input row;
+    ``stage`` (one of STAGES) for the patterns of a refine run, else None."""
 
     row: int
     tokens: list[str]
     probs: torch.Tensor
     plain: torch.Tensor | None = None
+    stage: str | None = None
 
 
 class PatternKeeper:
@@ -65,18 +68,23 @@ class PatternKeeper:
         self.layers = []
 
 
-def sequence_pattern(loaded, ids: list[int], token_types: list[int] | None, row: int = 0) -> Pattern:
-    """Run one tokenized sequence alone (no padding) and keep its attention in every layer."""
+def sequence_pattern(loaded, ids: list[int], token_types: list[int] | None, row: int = 0,
+                     model=None) -> Pattern:
+    """Run one tokenized sequence alone (no padding) and keep its attention in every layer.
+
+    ``model`` (default ``loaded.model``) is the module to run, e.g. a refine's trained model; the batch
+    goes to the device of its parameters.
+    """
     from attnprobe import batching, scanner
     from attnprobe.models import special_token_ids
 
     enc = batching.Encoded(ids=[list(ids)], token_types=None if token_types is None else [list(token_types)],
                           rows=[row])
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    batch, special, _ = next(batching.make_batches(enc, 1, pad_id, special_token_ids(loaded.tokenizer),
-                                                  loaded.device))
+    device = loaded.device if model is None else next(model.parameters()).device
+    batch, special, _ = next(batching.make_batches(enc, 1, pad_id, special_token_ids(loaded.tokenizer), device))
     keeper = PatternKeeper()
-    scanner.forward_batch(loaded, keeper, batch, special)
+    scanner.forward_batch(loaded, keeper, batch, special, model=model)
     if len(keeper.layers) != loaded.num_layers:
         raise RuntimeError(f"kept {len(keeper.layers)} layers of attention, expected {loaded.num_layers}")
     probs = torch.stack([p[0] for p, _ in keeper.layers])  # (L, H, n, n)
@@ -154,16 +162,26 @@ class ExamplePicker:
         return sorted(picked, key=lambda item: item[0])
 
 
-def keep_patterns(loaded, picker: ExamplePicker) -> list[Pattern]:
-    """The attention of every chosen row, each run alone (no padding), in input order."""
-    return [sequence_pattern(loaded, ids, types, row) for row, ids, types in picker.chosen()]
+def keep_patterns(loaded, picker: ExamplePicker, model=None) -> list[Pattern]:
+    """The attention of every chosen row, each run alone (no padding), in input order.
+
+    With ``model`` (another module than ``loaded.model``, e.g. a refine's trained model) that one runs.
+    """
+    return [sequence_pattern(loaded, ids, types, row, model=model) for row, ids, types in picker.chosen()]
 
 
 def pattern_frame(patterns: list[Pattern]):
-    """``patterns.parquet``: one row per (example, layer, head, query, key) with ``weight`` and tokens."""
+    """``patterns.parquet``: one row per (example, layer, head, query, key) with ``weight`` and tokens.
+
+    Patterns with a ``stage`` (a refine run's) add a ``stage`` column, the frame ordered by stage (STAGES)
+    and then by example.
+    """
     import numpy as np
     import pandas as pd
 
+    staged = any(p.stage is not None for p in patterns)
+    if staged:
+        patterns = sorted(patterns, key=lambda p: (STAGES.index(p.stage), p.row))
     frames = []
     for p in patterns:
         L, H, n, _ = p.probs.shape
@@ -176,26 +194,38 @@ def pattern_frame(patterns: list[Pattern]):
             "layer": layer, "head": head, "query": query, "key": key,
             "query_token": tokens[query], "key_token": tokens[key],
             "weight": p.probs.reshape(-1).numpy().astype(np.float32), "plain_weight": plain,
+            **({"stage": np.full(layer.size, p.stage, dtype=object)} if staged else {}),
         }))
     if not frames:
-        return empty_frame()
+        return empty_frame(staged)
     return pd.concat(frames, ignore_index=True)
 
 
-def empty_frame():
+def empty_frame(staged: bool = False):
+    """A ``patterns.parquet`` frame with no rows (and a ``stage`` column if ``staged``)."""
     import numpy as np
     import pandas as pd
 
     ints = {c: np.zeros(0, np.int32) for c in ("tokens", "layer", "head", "query", "key")}
+    stage = {"stage": np.zeros(0, object)} if staged else {}
     return pd.DataFrame({"example": np.zeros(0, np.int64), **ints,
                          "query_token": np.zeros(0, object), "key_token": np.zeros(0, object),
-                         "weight": np.zeros(0, np.float32), "plain_weight": np.zeros(0, np.float32)})
+                         "weight": np.zeros(0, np.float32), "plain_weight": np.zeros(0, np.float32), **stage})
 
 
 def from_frame(df) -> list[Pattern]:
-    """The patterns of a ``patterns.parquet`` frame, one per example, in the frame's example order."""
+    """The patterns of a ``patterns.parquet`` frame, one per example (per stage and example when it has a
+    ``stage`` column: STAGES order, then example order)."""
     import numpy as np
 
+    if "stage" in df.columns:
+        unknown = sorted(set(df["stage"].astype(str)) - set(STAGES))
+        if unknown:
+            raise ValueError(f"stage values {unknown} are not {' or '.join(STAGES)}")
+        out = []
+        for stage in STAGES:
+            out += [replace(p, stage=stage) for p in from_frame(df[df["stage"] == stage].drop(columns="stage"))]
+        return out
     out = []
     for row, rows in df.groupby("example", sort=True):
         rows = rows.sort_values(["layer", "head", "query", "key"])

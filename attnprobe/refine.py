@@ -3,8 +3,9 @@
 Reads labelled data, loads the model with the variant's attention (models.py), trains with transformers'
 Trainer (training.py holds that glue), takes the diagnostics of the eval set before training and after
 every epoch from the Trainer's own evaluation forward passes (evalprobe.py; a separate scanner.run_batches
-scan where the evaluation cannot carry the probe), and writes ``model/``, ``history.parquet``,
-``diagnostics.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
+scan where the evaluation cannot carry the probe), keeps a few eval examples' full attention before and
+after training (refinepatterns.py), and writes ``model/``, ``history.parquet``, ``diagnostics.parquet``,
+``patterns.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
 launch`` each process probes its share of the eval set (sums combined over processes) and only the main
 process writes files. This module prints nothing; summaries.py turns a RefineResult into the
 closing table.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attnprobe import AttnprobeError, data, mlm, outputs
+from attnprobe import AttnprobeError, data, mlm, outputs, refinepatterns
 from attnprobe.config import RefineConfig, to_dict
 from attnprobe.runfolder import CHECKPOINTS, MODEL_DIR, check_folder, check_resume, out_dir, prepare_folder
 
@@ -297,8 +298,13 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         progress = training.read_progress(resume_from)
         check_resume(progress, run_settings, resume_from)
         recorder.restore(progress)
+    # the same few eval examples' full attention before training (saved beside the checkpoints) and after it
+    staged = refinepatterns.StagePatterns(cfg.patterns, loaded, eval_data, max_length, out / CHECKPOINTS) \
+        if cfg.patterns and is_main else None
     if is_main:
         prepare_folder(cfg, out)
+        if staged is not None:
+            staged.before(loaded.model, resumed=resume_from is not None)
     barrier()
     trainer = evalprobe.ProbingTrainer(
         model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
@@ -321,6 +327,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
             metrics_fn.last_logits = trainer.predict(eval_set).predictions
         model_dir = training.save_model(trainer, tokenizer, out / MODEL_DIR, refined=refined, is_main=is_main,
                                          barrier=barrier, variant=cfg.variant)
+        if staged is not None:
+            staged.after(trainer.model)  # the model just saved to model/
     if not cfg.checkpoints and is_main:  # nothing to resume from: keep no (stale) checkpoints
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
@@ -356,8 +364,12 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         "versions": scanner.versions(),
         "seed": cfg.seed,
     }
+    if staged is not None:
+        meta["patterns"] = staged.entry()
     if is_main:
         outputs.atomic_write_parquet(history, out / outputs.HISTORY)
+        if staged is not None:
+            outputs.atomic_write_parquet(staged.frame(), out / outputs.PATTERNS)
         outputs.atomic_write_parquet(diagnostics, out / outputs.DIAGNOSTICS)
         meta["wall_time_s"] = round(time.time() - started, 3)
         meta["complete"] = True

@@ -128,7 +128,7 @@ def load_run(path: str | Path) -> Run:
                 layer_means(heads)[["layer", "heads", "flagged_heads"]], on="layer", how="left")
         layers = layers.sort_values("layer", ignore_index=True)
         run = Run(path, name, meta, heads, layers, flagged_table(heads, run_thresholds(meta)))
-        run.patterns = _read_patterns(path)
+        run.patterns = _read_patterns(path, "scan")
     elif kind == "refine":
         diagnostics = _read_parquet(path, outputs.DIAGNOSTICS, "refine", (*REQUIRED_HEAD_COLUMNS, "epoch"))
         history = _read_parquet(path, outputs.HISTORY, "refine", REQUIRED_HISTORY_COLUMNS)
@@ -142,6 +142,7 @@ def load_run(path: str | Path) -> Run:
         run = Run(path, name, meta, heads, epoch_layers[epochs[-1]], flagged_table(heads, run_thresholds(meta)),
                   history=history.sort_values(["epoch"], kind="stable", ignore_index=True),
                   epoch_layers=epoch_layers, step_layers=step_layers(diagnostics))
+        run.patterns = _read_patterns(path, "refine")
     else:
         raise AttnprobeError(
             f"{path / outputs.RUN_JSON} says kind {kind!r}; report reads runs of attnprobe scan or refine"
@@ -150,18 +151,20 @@ def load_run(path: str | Path) -> Run:
     return run
 
 
-def _read_patterns(run_dir: Path) -> list:
-    """The kept attention patterns of a scan (patterns.parquet), or [] when the scan kept none."""
+def _read_patterns(run_dir: Path, command: str) -> list:
+    """The kept attention patterns of a scan or refine (patterns.parquet; a refine's has a ``stage``
+    column), or [] when the run kept none."""
     from attnprobe import patterns
 
     path = run_dir / outputs.PATTERNS
     if not path.is_file():
         return []
-    df = _read_parquet(run_dir, outputs.PATTERNS, "scan", patterns.COLUMNS, allow_empty=True)
+    required = (*patterns.COLUMNS, "stage") if command == "refine" else patterns.COLUMNS
+    df = _read_parquet(run_dir, outputs.PATTERNS, command, required, allow_empty=True)
     try:
         return patterns.from_frame(df)
     except ValueError as exc:
-        raise AttnprobeError(f"{path} is not a complete set of patterns ({exc}); rerun the scan") from None
+        raise AttnprobeError(f"{path} is not a complete set of patterns ({exc}); rerun the {command}") from None
 
 
 def extreme_table(heads: pd.DataFrame, per_end: int = 2) -> pd.DataFrame:
@@ -255,6 +258,9 @@ def run_notes(run: Run) -> list[str]:
     if "nonfinite_flag" in run.heads.columns and run.heads["nonfinite_flag"].any():
         n = int(run.heads["nonfinite_flag"].sum())
         notes.append(f"{run.name}: {n} head(s) had attention rows with NaN/Inf; their metrics leave those rows out.")
+    kept = run.meta.get("patterns")
+    for note in kept.get("notes", []) if isinstance(kept, dict) else []:
+        notes.append(f"{run.name}: {note}.")
     return notes
 
 

@@ -51,7 +51,7 @@ class Run:
     history: pd.DataFrame | None = None  # refine only
     epoch_layers: dict[float, pd.DataFrame] = field(default_factory=dict)  # refine only: epoch -> layers
     step_layers: dict[int, pd.DataFrame] = field(default_factory=dict)  # refine only: optimizer step -> layers
-    patterns: list[Pattern] = field(default_factory=list)  # patterns.parquet, when the scan kept any
+    patterns: list[Pattern] = field(default_factory=list)  # patterns.parquet, when the run kept any
     extremes: pd.DataFrame | None = None  # the most extreme heads by GTD and entropy (report.extreme_table)
 
     @property

@@ -76,7 +76,8 @@ def print_summary(result, console) -> None:
     else:
         console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
                       f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
-    console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet, run.json)")
+    kept = ", patterns.parquet" if result.meta.get("patterns") else ""
+    console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet{kept}, run.json)")
 
 
 def scan_summary(result, out_dir) -> dict[str, Any]:

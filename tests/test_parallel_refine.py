@@ -99,7 +99,7 @@ def torchrun(work):
 def _check_written_once(out: Path, proc: subprocess.CompletedProcess) -> dict:
     assert proc.stdout.count(TITLE) == 1 and proc.stdout.count("wrote ") == 1  # only the main process prints
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoints", outputs.DIAGNOSTICS, outputs.HISTORY, "model", outputs.RUN_JSON])  # no .partial leftovers
+        ["checkpoints", outputs.DIAGNOSTICS, outputs.HISTORY, "model", outputs.PATTERNS, outputs.RUN_JSON])  # no .partial leftovers
     assert [p.relative_to(out) for p in out.rglob(outputs.RUN_JSON)] == [Path(outputs.RUN_JSON)]
     assert (out / "model" / "model.safetensors").is_file()
     meta = outputs.read_run_json(out)
@@ -137,6 +137,15 @@ def _compare(one: Path, two: Path) -> None:
     np.testing.assert_allclose(d2.loc[before, num].to_numpy(float), d1.loc[before, num].to_numpy(float),
                                atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(d2[num].to_numpy(float), d1[num].to_numpy(float), atol=1e-4, equal_nan=True)
+
+    # patterns are kept by the main process alone, of the same eval examples: before training equal, after
+    # training as close as the trained weights
+    p1, p2 = (pd.read_parquet(d / outputs.PATTERNS) for d in (one, two))
+    pd.testing.assert_frame_equal(p2.drop(columns=["weight", "plain_weight"]), p1.drop(columns=["weight", "plain_weight"]))
+    for stage, tol in (("before", 1e-6), ("after", 1e-4)):
+        rows = p1["stage"] == stage
+        for col in ("weight", "plain_weight"):
+            np.testing.assert_allclose(p2.loc[rows, col], p1.loc[rows, col], atol=tol, err_msg=f"{stage} {col}")
 
 
 def test_torchrun_two_processes_write_once(torchrun):

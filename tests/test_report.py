@@ -522,7 +522,7 @@ def test_flagged_section_lists_exactly_the_flagged_heads_with_thumbnails(tmp_pat
     assert [(int(r[0]), int(r[1])) for r in rows] == list(zip(flagged.layer, flagged["head"]))
     for cells, rec in zip(rows, flagged.to_dict("records")):
         assert cells[-2] == "; ".join(expected_reasons(rec))
-    thumbs = re.findall(r'<td class="thumb"><img alt="layer (\d+), head (\d+)"', page)
+    thumbs = re.findall(r'<td class="thumb"><div class="hov"><img alt="layer (\d+), head (\d+)"', page)
     extremes = html_table(page, "extremes")
     wanted = {(int(r[0]), int(r[1])) for r in rows} | {(int(r[1]), int(r[2])) for r in extremes}
     assert {(int(a), int(b)) for a, b in thumbs} == wanted
@@ -545,7 +545,7 @@ def test_extreme_heads_are_shown_when_nothing_is_flagged(tmp_path):
     extremes = html_table(page, "extremes")
     top = heads.sort_values("gtd").iloc[-1]
     assert extremes[0][:3] == ["highest GTD", str(int(top.layer)), str(int(top["head"]))]
-    assert len(re.findall(r'<td class="thumb"><img', page)) == len(extremes)
+    assert len(re.findall(r'<td class="thumb"><div class="hov"><img', page)) == len(extremes)
 
 
 def test_report_without_patterns_says_so(tmp_path):
@@ -645,3 +645,147 @@ def test_a_single_diagnosis_per_epoch_draws_no_step_figure(tmp_path):
     diagnostics.to_parquet(path / "diagnostics.parquet", index=False)
     names = sorted(p.name for p in write_report([path]).pngs)
     assert not any(n.endswith("-steps.png") for n in names)
+
+
+# --- refine runs: thumbnails before and after training, plain against refined; hover values -----------
+
+def write_staged_patterns(run: Path, n_layers: int, n_heads: int, examples=(2, 5), refined_layers=(),
+                          stages=("before", "after"), seed: int = 0) -> list:
+    """A refine run's patterns.parquet (``stage`` column); ``plain`` filled in ``refined_layers``, else NaN."""
+    import torch
+
+    from attnprobe.patterns import Pattern, pattern_frame
+
+    rng = np.random.default_rng(seed)
+    kept = []
+    for stage in stages:
+        for i, row in enumerate(examples):
+            n = 5 + 2 * i
+            probs = rng.dirichlet(np.ones(n) * 0.3, size=(n_layers, n_heads, n)).astype(np.float32)
+            plain = None
+            if refined_layers:
+                plain = np.full_like(probs, np.nan)
+                for layer in refined_layers:
+                    plain[layer] = rng.dirichlet(np.ones(n) * 0.3, size=(n_heads, n))
+                plain = torch.from_numpy(plain)
+            tokens = ["[CLS]", *[f"w{k}<&'" for k in range(n - 2)], "[SEP]"]  # markup to escape
+            kept.append(Pattern(row=row, tokens=tokens, probs=torch.from_numpy(probs), plain=plain, stage=stage))
+    pattern_frame(kept).to_parquet(run / "patterns.parquet", index=False)
+    return kept
+
+
+THUMB = re.compile(r'<td class="thumb"><div class="hov"><img alt="layer (\d+), head (\d+)" '
+                   r'src="data:image/png;base64,([^"]+)"><svg viewBox="0 0 (\d+) (\d+)"[^>]*>(.*?)</svg></div></td>', re.S)
+RECT = re.compile(r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"><title>([^<]*)</title></rect>')
+TITLE = re.compile(r"^example (\d+)(?:, (before|after) training(?: \((refined|plain)\))?)?: "
+                   r"query (\d+) (.*) -> key (\d+) (.*): ([\d.]+)$")
+
+
+def thumbnails_of(page: str) -> dict:
+    """{(layer, head): (PNG pixels, [(x, y, w, h, parsed title)])} of every thumbnail in the head tables."""
+    import base64
+    import html as html_mod
+
+    from matplotlib.image import imread
+
+    out = {}
+    for layer, head, data, width, height, svg in THUMB.findall(page):
+        pixels = imread(BytesIO(base64.b64decode(data)), format="png")[..., :3]
+        assert pixels.shape[:2] == (int(height), int(width))
+        rects = [(float(x), float(y), float(w), float(h), TITLE.match(html_mod.unescape(t)))
+                 for x, y, w, h, t in RECT.findall(svg)]
+        assert all(r[-1] is not None for r in rects), [r for r in RECT.findall(svg)][:2]
+        out[(int(layer), int(head))] = (pixels, rects)
+    return out
+
+
+def check_hovers(thumbs: dict, kept: list) -> None:
+    """Every hover title names a kept weight, to 4 decimals, and sits over a cell of that colour."""
+    from matplotlib import colormaps
+
+    viridis = colormaps["viridis"]
+    by_key = {(p.stage, p.row): p for p in kept}
+    for (layer, head), (pixels, rects) in thumbs.items():
+        seen = set()
+        for x, y, w, h, m in rects:
+            row, stage, kind, q, qtok, k, ktok, weight = m.groups()
+            p = by_key[(stage, int(row))]
+            grid = (p.plain if kind == "plain" else p.probs)[layer, head].numpy()
+            q, k = int(q), int(k)
+            assert qtok == repr(p.tokens[q]) and ktok == repr(p.tokens[k])
+            assert abs(float(weight) - grid[q, k]) <= 5e-5
+            centre = pixels[int(y + h / 2), int(x + w / 2)]
+            assert np.abs(centre - np.array(viridis(float(grid[q, k]))[:3])).max() < 0.03, (layer, head, m.group(0))
+            seen.add((stage, kind, int(row)))
+        refined = any(p.plain is not None and np.isfinite(p.plain[layer, head].numpy()).all() for p in kept)
+        expected = {(p.stage, kind, p.row) for p in kept for kind in (("refined", "plain") if refined else (None,))}
+        assert seen == expected, (layer, head)
+
+
+def test_refine_report_has_before_and_after_thumbnails_of_exactly_the_flagged_and_extreme_heads(tmp_path):
+    run = write_refine_run(tmp_path / "r", n_layers=3, n_heads=4, epochs=2, seed=4)
+    kept = write_staged_patterns(run, 3, 4, refined_layers=(1, 2))
+    meta = json.loads((run / "run.json").read_text())
+    meta["patterns"] = {"requested": 2, "examples": [2, 5], "stages": ["before", "after"], "notes": []}
+    (run / "run.json").write_text(json.dumps(meta))
+    diagnostics = pd.read_parquet(run / "diagnostics.parquet")
+    last = diagnostics[diagnostics.epoch == diagnostics.epoch.max()]
+    flagged = last[last.collapsed | last.high_gtd | last.sink | last.diffuse].sort_values(["layer", "head"])
+    assert 0 < len(flagged) < len(last)
+    result = write_report([run])
+    page = result.html.read_text(encoding="utf-8")
+    rows = html_table(page, "flagged")
+    assert [(int(r[0]), int(r[1])) for r in rows] == list(zip(flagged.layer, flagged["head"]))
+    extremes = html_table(page, "extremes")
+    wanted = {(int(r[0]), int(r[1])) for r in rows} | {(int(r[1]), int(r[2])) for r in extremes}
+    thumbs = thumbnails_of(page)
+    assert set(thumbs) == wanted
+    assert {f"r-head-L{layer}-H{head}.png" for layer, head in wanted} <= {p.name for p in result.pngs}
+    for (layer, head), (_, rects) in thumbs.items():
+        kinds = {(m.group(2), m.group(3)) for *_, m in rects}
+        if layer == 0:  # not refined: before and after training, no plain rows
+            assert kinds == {("before", None), ("after", None)}
+        else:
+            assert kinds == {(s, k) for s in ("before", "after") for k in ("refined", "plain")}
+    check_hovers(thumbs, kept)
+    assert "before training and after it" in page and "w0&lt;&amp;&#x27;" in page
+    assert "<w0" not in page  # token text is escaped in the hover titles
+
+
+def test_scan_thumbnails_carry_hover_values(tmp_path):
+    run = write_scan_run(tmp_path / "s", n_layers=2, n_heads=3, seed=4)
+    import torch
+
+    from attnprobe.patterns import Pattern, pattern_frame
+
+    rng = np.random.default_rng(1)
+    kept = [Pattern(row=r, tokens=[f"t{i}" for i in range(n)],
+                    probs=torch.from_numpy(rng.dirichlet(np.ones(n) * 0.3, size=(2, 3, n)).astype(np.float32)))
+            for r, n in ((0, 6), (4, 9))]
+    pattern_frame(kept).to_parquet(run / "patterns.parquet", index=False)
+    page = write_report([run], fmt="html").html.read_text(encoding="utf-8")
+    thumbs = thumbnails_of(page)
+    assert thumbs
+    for (layer, head), (pixels, rects) in thumbs.items():
+        assert len(rects) == 6 * 6 + 9 * 9
+        assert {m.group(2) for *_, m in rects} == {None}
+    check_hovers(thumbs, kept)
+
+
+def test_thumbnail_hovers_stop_at_the_cap(monkeypatch):
+    from attnprobe import thumbfigs
+
+    monkeypatch.setattr(thumbfigs, "MAX_HOVER_CELLS", 100)
+    grids = [np.full((n, n), 1.0 / n) for n in (6, 9, 5)]
+    columns = [(f"example {i}", [f"t{k}" for k in range(len(g))]) for i, g in enumerate(grids)]
+    _, hovers, _, hovered = thumbfigs.thumbnail_grid(columns, [("", grids)])
+    assert hovered == 1 and len(hovers) == 36  # 36 + 81 > 100: the second example gets none, nor the later ones
+    caption = thumbfigs._caption(0, 0, False, hovered, 3)
+    assert "first 1 of 3 examples" in caption
+
+
+def test_refine_report_without_patterns_says_so(tmp_path):
+    run = write_refine_run(tmp_path / "old")
+    result = write_report([run], fmt="html")
+    assert any("the refine kept no attention patterns" in n for n in result.notes)
+    assert '<td class="thumb">' not in result.html.read_text(encoding="utf-8")
