@@ -789,3 +789,17 @@ def test_refine_report_without_patterns_says_so(tmp_path):
     result = write_report([run], fmt="html")
     assert any("the refine kept no attention patterns" in n for n in result.notes)
     assert '<td class="thumb">' not in result.html.read_text(encoding="utf-8")
+
+
+def test_refine_patterns_with_an_unknown_stage_or_no_stage_are_refused(tmp_path):
+    run = write_refine_run(tmp_path / "bad")
+    write_staged_patterns(run, 2, 4)
+    df = pd.read_parquet(run / "patterns.parquet")
+    df.loc[df.stage == "after", "stage"] = "middle"
+    df.to_parquet(run / "patterns.parquet", index=False)
+    with pytest.raises(AttnprobeError, match=r"stage values \['middle'\] are not before or after\); rerun the refine"):
+        write_report([run], fmt="html")
+    df.drop(columns="stage").to_parquet(run / "patterns.parquet", index=False)
+    with pytest.raises(AttnprobeError, match="lacks the column.s. stage; rerun the refine"):
+        write_report([run], fmt="html")
+    assert not (run / "report").exists()
