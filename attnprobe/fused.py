@@ -9,7 +9,7 @@ float rounding (the order of the row sums differs), checked at start-up.
 
 ``prepare`` decides which path a scan runs. With ``on`` it compiles ``block_rows`` (the first compile on a
 CPU takes tens of seconds; torch caches it on disk for later runs), then, on a block the size of the scan's
-own, checks the compiled columns against the plain path's and times both, and keeps the compiled path
+own, checks the compiled sums against the plain path's (``block_sums`` itself, with and without them) and times both, and keeps the compiled path
 only if it agrees and is faster. Any failure (no compiler, a compile error, disagreement, slower) keeps
 the plain path, and run.json says which path ran and why. Layers without logits (SAOBP-refined layers,
 lower-precision attention) always take the plain path.
@@ -58,8 +58,9 @@ class MetricsPath:
     info: dict = field(default_factory=dict)
 
 
-def plain(reason: str = "--compile off") -> MetricsPath:
-    return MetricsPath(info={"requested": "off" if reason == "--compile off" else "on", "reason": reason})
+def plain() -> MetricsPath:
+    """The plain path, as ``--compile off`` runs it."""
+    return MetricsPath(info={"requested": "off", "reason": "--compile off"})
 
 
 def prepare(mode: str, device: torch.device | str, dtype: torch.dtype, num_heads: int, max_length: int,
@@ -78,33 +79,29 @@ def prepare(mode: str, device: torch.device | str, dtype: torch.dtype, num_heads
         return plain()
     started = time.perf_counter()
     compiler = compiler or (lambda fn: torch.compile(fn, dynamic=True))
+    probs, scores, keep, special = _check_block(device, dtype, num_heads, max_length)
+    scratch = metrics.Scratch()
     try:
         rows = compiler(block_rows)
-        check = _check_block(device, dtype, num_heads, max_length)
-        want = _plain_rows(*check)
-        got = rows(*check)  # the first call compiles
+
+        def fused_fn(probs, keep, special=None, hops=2, plain=None, scores=None, scratch=None):
+            return metrics.block_sums(probs, keep, special, hops, plain, scores, scratch, rows=rows)
+
+        got = fused_fn(probs, keep, special, 2, None, scores, scratch)  # the first call compiles
         compile_s = time.perf_counter() - started
-        worst = _disagreement(got, want)
+        worst = _disagreement(got, metrics.block_sums(probs, keep, special, 2, None, scores, scratch))
     except Exception as exc:  # no compiler, a backend error: the plain path, and say why
         first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
         return _fallback(f"compiling failed ({type(exc).__name__}: {first_line})", time.perf_counter() - started)
     if not worst <= RTOL:
         return _fallback(f"the compiled metrics disagreed with the plain ones (relative {worst:.2e} > {RTOL:g})",
                          compile_s)
-    probs, scores, _, special = check
-    keep = torch.ones(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device)
-    flags = special[:, 0, 0, :].bool()
-    scratch = metrics.Scratch()
-
-    def fused_fn(probs, keep, special=None, hops=2, plain=None, scores=None, scratch=None):
-        return metrics.block_sums(probs, keep, special, hops, plain, scores, scratch, rows=rows)
-
     timing = {}
     for name, fn in (("plain", metrics.block_sums), ("compiled", fused_fn)):
-        fn(probs, keep, flags, 2, None, scores, scratch)  # warm
+        fn(probs, keep, special, 2, None, scores, scratch)  # warm
     for name, fn in (("plain", metrics.block_sums), ("compiled", fused_fn)) * TIMING_REPEATS:
         t = time.perf_counter()
-        fn(probs, keep, flags, 2, None, scores, scratch)
+        fn(probs, keep, special, 2, None, scores, scratch)
         timing.setdefault(name, []).append(time.perf_counter() - t)
     plain_s, fused_s = min(timing["plain"]), min(timing["compiled"])  # the least disturbed of each
     info = {"requested": "on", "compile_s": round(compile_s, 3), "check_block": list(probs.shape),
@@ -126,7 +123,8 @@ def _fallback(reason: str, seconds: float) -> MetricsPath:
 
 
 def _check_block(device, dtype, num_heads: int, max_length: int):
-    """A block like the probe's at the scan's longest sequence: softmax rows with zeros, padding, specials."""
+    """A block like the probe's at the scan's longest sequence: ``(probs, scores, keep, special)``, softmax rows
+    with a padded key (probability exactly 0) and special tokens at both ends."""
     from attnprobe.probe import CHUNK_ELEMENTS, DEVICE_CHUNK_ELEMENTS, blocks
 
     n = max(4, max_length)
@@ -137,27 +135,17 @@ def _check_block(device, dtype, num_heads: int, max_length: int):
     scores = (torch.randn(b, h, n, n, generator=gen, dtype=torch.float64) * 4).to(dtype)
     scores[..., -1] = torch.finfo(dtype).min  # a padded key: probability exactly 0
     probs = scores.softmax(-1)
-    special = torch.zeros(b, 1, 1, n, dtype=dtype)
-    special[..., 0] = 1
-    multi = probs @ probs
-    return tuple(t.to(device) for t in (probs, scores, multi, special))
+    keep = torch.ones(b, n, dtype=torch.bool)
+    special = torch.zeros(b, n, dtype=torch.bool)
+    special[:, 0] = special[:, -2] = True
+    return tuple(t.to(device) for t in (probs, scores, keep, special))
 
 
-def _plain_rows(probs, scores, multi, special):
-    """The four columns by the plain path's operations (``metrics``), for the check."""
-    work = torch.empty_like(probs)
-    h_dir = metrics.entropy_from_scores(probs, scores, work)
-    h_ind = metrics.entropy_into(multi, work)
-    tv = (multi - probs).abs().sum(-1).mul_(0.5)
-    spec = torch.mul(probs, special, out=work).sum(-1)
-    return h_dir, h_ind, tv, spec
-
-
-def _disagreement(got, want) -> float:
-    """The largest relative difference between two tuples of columns (NaN where either is NaN: inf)."""
+def _disagreement(got: dict, want: dict) -> float:
+    """The largest relative difference between two ``block_sums`` results (NaN where only one is NaN: inf)."""
     worst = 0.0
-    for a, b in zip(got, want):
-        a, b = a.double().cpu(), b.double().cpu()
+    for name in want:
+        a, b = got[name].double().cpu(), want[name].double().cpu()
         if not torch.equal(torch.isnan(a), torch.isnan(b)):
             return float("inf")
         a, b = torch.nan_to_num(a), torch.nan_to_num(b)
