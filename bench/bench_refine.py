@@ -13,7 +13,9 @@ per-round ratio (robust against load from other processes that changes over minu
 
 ``--readable`` adds a fourth mode, ``bp-high-readable``: bp-high with the message term written out term by term
 and differentiated by autograd (``saobp.saobp_probs_readable``, the form used before the fused message term), so
-the fused and the readable form are timed against the same baseline in one run.
+the fused and the readable form are timed against the same baseline in one run. ``--variants`` picks which of
+bp-low and bp-high run (baseline always does). Each step's minor page faults (pages newly taken from the kernel)
+are counted too.
 
     OMP_NUM_THREADS=2 python bench/bench_refine.py --lengths 128 64 --batch-size 16 --steps 4 --repeats 5
 """
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -33,7 +36,7 @@ import torch
 
 import contextlib
 
-from attnprobe import models, saobp
+from attnprobe import cpumem, models, saobp
 from attnprobe.saobp import GAMMAS, SaobpSettings
 from bench_scan import token_stream  # the same fixed-length token source as the scan benchmark
 
@@ -106,6 +109,7 @@ def bench_length(nets: dict, tokenizer, length: int, batch_size: int, steps: int
             with implementation(v):
                 train_step(net, optimizer, batch)
     per_step = {v: [] for v in nets}
+    faults = {v: [] for v in nets}  # minor page faults (pages newly taken from the kernel) per step
     order = list(nets)
     rounds = 0
     for r in range(repeats):
@@ -114,9 +118,11 @@ def bench_length(nets: dict, tokenizer, length: int, batch_size: int, steps: int
             for v in order[shift:] + order[:shift]:  # every variant steps once per round, order rotating
                 net, optimizer = nets[v]
                 with implementation(v):
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0 = time.perf_counter()
                     train_step(net, optimizer, batch)
                     per_step[v].append(time.perf_counter() - t0)
+                    faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
             rounds += 1
     median = {v: statistics.median(ts) for v, ts in per_step.items()}
     # paired: the ratio within each round (the variants ran back to back), median over rounds
@@ -137,6 +143,8 @@ def bench_length(nets: dict, tokenizer, length: int, batch_size: int, steps: int
         "paired_ratio_vs_baseline": paired,
         "paired_ratio_quartiles": spread,
         "rounds": rounds,
+        "median_page_faults_per_step": {v: statistics.median(f) for v, f in faults.items()},
+        "all_page_faults_per_step": faults,
     }
 
 
@@ -153,13 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--readable", action="store_true",
                    help=f"also time {READABLE}: bp-high with the readable (autograd) SAOBP form")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="the variants to time (baseline is always timed; default: all three)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     lengths = [args.length] if args.length else args.lengths
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
     torch.set_num_threads(threads)
+    kept = cpumem.keep_freed_memory()  # as refine does on the CPU (ATTNPROBE_KEEP_FREED_MEMORY=0: off)
 
-    variants = (*VARIANTS, READABLE) if args.readable else VARIANTS
+    variants = ("baseline", *(v for v in args.variants if v != "baseline"))
+    if args.readable:
+        variants = (*variants, *(() if "bp-high" in variants else ("bp-high",)), READABLE)
     nets, tokenizer, info = {}, None, None
     for v in variants:
         loaded, net, optimizer = load_variant(args.model, v, args.num_layers, args.seed)
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, info = loaded.tokenizer, loaded.info
         assert loaded.backend == "attnprobe", loaded.backend
     print(f"model {args.model}: {info['layers']} layers, {info['heads']} heads, hidden {info['hidden_size']}; "
-          f"torch {torch.__version__}, {threads} threads; batch {args.batch_size}, {args.steps} steps x "
+          f"torch {torch.__version__}, {threads} threads, freed memory {'kept' if kept else 'returned (default)'}; batch {args.batch_size}, {args.steps} steps x "
           f"{args.repeats} repeats per variant, interleaved", flush=True)
 
     load_start = os.getloadavg()
@@ -176,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     for length in lengths:
         r = bench_length(nets, tokenizer, length, args.batch_size, args.steps, args.repeats, args.seed)
         results.append(r)
-        s = r["seconds_per_step"]
+        s, pf = r["seconds_per_step"], r["median_page_faults_per_step"]
         print(f"L={length:4d}  " + "  ".join(f"{v} {s[v]:.3f} s/step" for v in variants), flush=True)
+        print("         page faults per step (median): " + "  ".join(f"{v} {pf[v]:.0f}" for v in variants),
+              flush=True)
         for v, ratio in r["ratio_vs_baseline"].items():
             note = f"  (target <= {TARGET})" if v == "bp-high" else ""
             q1, q3 = r["paired_ratio_quartiles"][v]
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - started
     if args.json_out:
         out = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-               "model": info, "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
+               "model": info, "threads": threads, "keeps_freed_memory": kept, "torch": torch.__version__, "python": platform.python_version(),
                "machine": platform.machine(), "load_average_start": load_start, "wall_time_s": round(wall, 2),
                "results": results}
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
