@@ -1,9 +1,10 @@
 """Keep freed CPU memory for reuse during training (glibc's malloc on Linux).
 
 A training step allocates and frees the same large activation and gradient buffers every step (SAOBP adds
-several per layer). With glibc's default thresholds, buffers above a few tens of MiB are mapped and unmapped
-each time, and the free space at the top of the heap is handed back to the kernel after every backward pass,
-so the next step takes every page again as a fresh, zeroed page fault. ``keep_freed_memory`` raises both
+several per layer). With glibc's default thresholds, buffers above the mmap threshold (128 KiB at first, raised
+by glibc as it sees larger ones freed, to at most 32 MiB) are mapped and unmapped each time, and free space at
+the top of the heap beyond twice that threshold is handed back to the kernel after a backward pass, so the next
+step takes those pages again as fresh, zeroed page faults. ``keep_freed_memory`` raises both
 thresholds so that freed memory stays in the process for the next step, as PyTorch's GPU caching
 allocator does on CUDA. The process then holds its peak footprint until it exits.
 
