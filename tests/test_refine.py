@@ -3,7 +3,6 @@ reloading the saved model, text pairs, --resume, error messages, and the sample 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -19,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from attnprobe import AttnprobeError, outputs
+from attnprobe import AttnprobeError, cpumem, outputs
 from attnprobe.cli import app
 from attnprobe.config import RefineConfig, build_config
 from attnprobe.training import classification_scores, confusion_matrix, f1, matthews_corrcoef
@@ -135,9 +134,8 @@ def test_library_run_writes_every_file(library_runs, variant):
     assert meta["data"]["train"]["rows_used"] == 40 and meta["data"]["eval"]["rows_used"] == 12
     assert {"versions", "wall_time_s", "seed", "options", "model"} <= set(meta)
     assert (meta["saobp"] is None) == (variant == "baseline")
-    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-    keep = os.environ.get("ATTNPROBE_KEEP_FREED_MEMORY", "1") != "0"
-    assert meta["cpu_allocator"] == ("keeps freed memory" if glibc and keep else "default")  # on the CPU
+    # on the CPU refine applies cpumem's setting (tests/test_cpumem.py checks that it takes effect)
+    assert meta["cpu_allocator"] == ("keeps freed memory" if cpumem.keep_freed_memory() else "default")
     outputs.read_run_json(out)  # a finished run
 
     history = pd.read_parquet(out / outputs.HISTORY)
