@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, info = loaded.tokenizer, loaded.info
         assert loaded.backend == "attnprobe", loaded.backend
     print(f"model {args.model}: {info['layers']} layers, {info['heads']} heads, hidden {info['hidden_size']}; "
-          f"torch {torch.__version__}, {threads} threads, freed memory {'kept' if kept else 'returned (default)'}; batch {args.batch_size}, {args.steps} steps x "
-          f"{args.repeats} repeats per variant, interleaved", flush=True)
+          f"torch {torch.__version__}, {threads} threads, freed memory {'kept' if kept else 'returned (default)'}; "
+          f"batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats per variant, interleaved", flush=True)
 
     load_start = os.getloadavg()
     started = time.time()
@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - started
     if args.json_out:
         out = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-               "model": info, "threads": threads, "keeps_freed_memory": kept, "torch": torch.__version__, "python": platform.python_version(),
-               "machine": platform.machine(), "load_average_start": load_start, "wall_time_s": round(wall, 2),
+               "model": info, "threads": threads, "keeps_freed_memory": kept, "torch": torch.__version__,
+               "python": platform.python_version(), "machine": platform.machine(), "load_average_start": load_start,
+               "wall_time_s": round(wall, 2),
                "results": results}
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")

@@ -6,7 +6,8 @@ GFLOP/s, and the elementwise passes of the forward and backward (``saobp._Messag
 ``--repeats`` times on preallocated inputs; the median is printed. This script measures; it changes nothing
 in the package.
 
-    OMP_NUM_THREADS=1 python bench/saobp_ops.py --length 128 --batch-size 16 --json bench/results/saobp_ops_128_threads1.json
+    OMP_NUM_THREADS=1 python bench/saobp_ops.py --length 128 --batch-size 16 \
+        --json bench/results/saobp_ops_128_threads1.json
 """
 
 from __future__ import annotations
