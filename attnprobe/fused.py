@@ -2,17 +2,20 @@
 
 ``metrics.block_sums`` makes a few passes over each ``(b, h, Q, K)`` block: a product and two sums for
 the direct entropy, a clamp, a log, a product and a sum for the indirect entropy, a difference, an
-absolute value and a sum for GTD, a product and a sum for the special-token mass. ``block_rows`` writes
-the same four per-query columns as one function that ``torch.compile`` fuses into a few loops over the
-block; ``A @ A`` stays an ordinary matrix product before it. The result is the plain path's numbers up to
-float rounding (the order of the row sums differs), checked at start-up.
+absolute value and a sum for GTD, a product and a sum for the special-token mass, then the masses, the
+validity masks and the float64 sums over queries as a few dozen small operations. ``block_reduce`` writes
+the whole reduction of a block, from the attention, its logits and ``A @ A`` to the ``(b, h)`` sums, as one
+function that ``torch.compile`` fuses into a few loops over the block; ``A @ A`` stays an ordinary matrix
+product before it. The result is the plain path's numbers up to float rounding (the order of the row sums
+differs), checked at start-up.
 
-``prepare`` decides which path a scan runs. With ``on`` it compiles ``block_rows`` (the first compile on a
+``prepare`` decides which path a scan runs. With ``on`` it compiles ``block_reduce`` (the first compile on a
 CPU takes tens of seconds; torch caches it on disk for later runs), then, on a block the size of the scan's
-own, checks the compiled sums against the plain path's (``block_sums`` itself, with and without them) and times both, and keeps the compiled path
-only if it agrees and is faster. Any failure (no compiler, a compile error, disagreement, slower) keeps
-the plain path, and run.json says which path ran and why. Layers without logits (SAOBP-refined layers,
-lower-precision attention) always take the plain path.
+own, checks the compiled sums against the plain path's (``block_sums``) and times both, and keeps the
+compiled path only if it agrees and is faster. Any failure (no compiler, a compile error, disagreement,
+slower) keeps the plain path, and run.json says which path ran and why. Layers without logits
+(SAOBP-refined layers, lower-precision attention) always take the plain path, and so does a block in
+which the log-sum-exp cannot serve some row (see ``metrics.entropy_from_scores``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -29,24 +33,71 @@ MODES = ("off", "on")
 # Compiled and plain per-query columns must agree to this relative tolerance (float32 sums of <= K terms).
 RTOL = 1e-4
 TIMING_REPEATS = 3
+# The sums block_reduce returns, in order: the keys of metrics.block_sums for a block without ``plain``.
+SUMS = ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
+        "self_mass", "local_mass", "first_mass", "special_mass", "sink_weighted", "sink_weight", "queries",
+        "nonfinite")
 
 
-def block_rows(probs: torch.Tensor, scores: torch.Tensor, multi: torch.Tensor, special: torch.Tensor):
-    """The per-query columns of one block: ``(h_dir, h_ind, tv, spec)``, each ``(b, h, Q)``.
+def block_reduce(probs: torch.Tensor, scores: torch.Tensor, multi: torch.Tensor, keep: torch.Tensor,
+                 special: torch.Tensor):
+    """``metrics.block_sums`` of one unrefined block with logits, from ``multi`` (its multi-hop attention).
 
-    ``h_dir`` from the softmax's log-sum-exp (NaN where ``A_i0`` is below the smallest normal number, for the
-    caller's log-path fallback), ``h_ind`` the entropy of ``multi``, ``tv`` GTD, ``spec`` the mass on the
-    keys where ``special`` (``(b, 1, 1, K)`` 0/1) is 1. The same formulas as ``metrics.block_sums``.
+    Args:
+        probs, scores, multi: ``(b, h, Q, K)``: the attention, its logits, ``multi_hop(probs)``.
+        keep, special: ``(b, K)`` 0/1 in ``probs``' dtype: real tokens, special tokens.
+
+    Returns:
+        the ``(b, h)`` float64 sums named in ``SUMS``, in that order, then a 0-dim bool: True when the
+        log-sum-exp served every valid row. Where it is False the sums are not those of ``block_sums``
+        and the caller computes the block by the plain path.
     """
     tiny = torch.finfo(probs.dtype).tiny
+    f64 = torch.float64
     first = probs[..., 0]
     lse = scores[..., 0] - first.log()
-    h_dir = lse * probs.sum(-1) - (probs * scores).sum(-1)
+    # A key of probability 0 adds 0, also where its logit is -inf (a mask of -inf, not finfo.min).
+    h_dir = lse * probs.sum(-1) - torch.where(probs > 0, probs * scores, 0.0).sum(-1)
     h_dir = torch.where(first >= tiny, h_dir, float("nan"))
     h_ind = -(multi * multi.clamp_min(tiny).log()).sum(-1)
     tv = (multi - probs).abs().sum(-1) * 0.5
-    spec = (probs * special).sum(-1)
-    return h_dir, h_ind, tv, spec
+    spec = (probs * special[:, None, None, :]).sum(-1)
+    own = probs.diagonal(dim1=-2, dim2=-1)
+    local = (torch.nn.functional.pad(probs.diagonal(offset=-1, dim1=-2, dim2=-1), (1, 0))
+             + torch.nn.functional.pad(probs.diagonal(offset=1, dim1=-2, dim2=-1), (0, 1)))
+
+    valid = keep[:, None, :] > 0  # (b, 1, Q)
+    served = ~(valid & ~torch.isfinite(h_dir)).any()
+    bad = ~torch.isfinite(tv) & valid
+    ok = valid & ~bad
+    d, i, g, s, lo, fi, sp = (torch.where(ok, c.to(f64), 0.0).sum(-1) for c in (h_dir, h_ind, tv, own, local,
+                                                                               first, spec))
+    n = keep.to(f64).sum(-1)  # (b,)
+    log_n = torch.where(n >= 2, n.log(), 1.0)[:, None]
+    share = (keep[:, None, :, None] * probs).sum(-2) / n.clamp_min(1.0).to(probs.dtype)[:, None, None]
+    head_ok = ~bad.any(-1)  # (b, h)
+    n = n[:, None]
+    return (d, d / log_n, i, i / log_n, g, s, lo, fi, sp,
+            torch.where(head_ok, n * share.amax(-1).to(f64), 0.0), torch.where(head_ok, n.expand_as(head_ok), 0.0),
+            ok.to(f64).sum(-1), bad.to(f64).sum(-1), served)
+
+
+def fused_sums(reduce: Callable, probs: torch.Tensor, keep: torch.Tensor, special: torch.Tensor | None = None,
+               hops: int = 2, plain: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+               scratch: metrics.Scratch | None = None) -> dict[str, torch.Tensor]:
+    """``metrics.block_sums`` (same arguments) with ``reduce`` (``block_reduce``, compiled) where it serves.
+
+    Blocks without logits, refined blocks and blocks the log-sum-exp cannot serve take ``block_sums``.
+    """
+    if scores is None or plain is not None:
+        return metrics.block_sums(probs, keep, special, hops, plain, scores, scratch)
+    scratch = scratch if scratch is not None else metrics.Scratch()
+    multi = metrics.multi_hop_into(probs, hops, scratch)
+    flags = special if special is not None else torch.zeros_like(keep)
+    *sums, served = reduce(probs, scores, multi, keep.to(probs.dtype), flags.to(probs.dtype))
+    if not bool(served):
+        return metrics.block_sums(probs, keep, special, hops, plain, scores, scratch)
+    return dict(zip(SUMS, sums))
 
 
 @dataclass
@@ -82,11 +133,7 @@ def prepare(mode: str, device: torch.device | str, dtype: torch.dtype, num_heads
     probs, scores, keep, special = _check_block(device, dtype, num_heads, max_length)
     scratch = metrics.Scratch()
     try:
-        rows = compiler(block_rows)
-
-        def fused_fn(probs, keep, special=None, hops=2, plain=None, scores=None, scratch=None):
-            return metrics.block_sums(probs, keep, special, hops, plain, scores, scratch, rows=rows)
-
+        fused_fn = partial(fused_sums, compiler(block_reduce))
         got = fused_fn(probs, keep, special, 2, None, scores, scratch)  # the first call compiles
         compile_s = time.perf_counter() - started
         worst = _disagreement(got, metrics.block_sums(probs, keep, special, 2, None, scores, scratch))

@@ -264,45 +264,11 @@ def _lse_fallback(h_dir: torch.Tensor, probs: torch.Tensor, work: torch.Tensor) 
     return torch.where(finite, h_dir, entropy_into(probs, work))
 
 
-def block_sums(
-    probs: torch.Tensor,
-    keep: torch.Tensor,
-    special: torch.Tensor | None = None,
-    hops: int = 2,
-    plain: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
-    scratch: Scratch | None = None,
-    rows=None,
-) -> dict[str, torch.Tensor]:
-    """``query_sums(query_metrics(probs, keep, special, hops, plain), keep)``, in few passes over memory.
-
-    The fast path the probe runs on each block of heads. Passes over ``(b, h, Q, K)``: ``A @ A`` into a
-    scratch buffer; the direct entropy from ``scores`` (a product and two sums; else the log path);
-    the indirect entropy as one log into a second buffer and a row-wise dot; GTD in place on ``A @ A``;
-    the special-token mass as one product and a sum. The other masses read ``O(Q)`` or are
-    vector-matrix products. Normalized entropies are the sums divided by ``log n`` (constant per sequence).
-
-    Args:
-        probs: ``(b, h, Q, K)`` attention probabilities.
-        keep: ``(b, K)`` bool, True for real tokens.
-        special: ``(b, K)`` bool special tokens, or None.
-        hops: K of the multi-hop attention.
-        plain: ``(b, h, Q, K)`` attention before SAOBP (for ``bp_shift``), or None.
-        scores: ``(b, h, Q, K)`` logits with ``probs = softmax(scores)`` at ``probs``' precision, or None.
-        scratch: buffers to reuse (None: allocate).
-        rows: where ``scores`` are given, a function ``(probs, scores, multi, special) -> (h_dir, h_ind, tv,
-            spec)`` that computes those four per-query columns in one go from ``multi`` (the multi-hop
-            attention) and ``special`` (``(b, 1, 1, K)`` 0/1 in probs' dtype), e.g. a compiled
-            ``fused.block_rows``; ``h_dir`` NaN where the log-sum-exp cannot serve (see
-            ``entropy_from_scores``). None: the passes below.
-
-    Returns:
-        The dict ``query_sums`` returns: ``(b, h)`` float64 sums.
-    """
+def multi_hop_into(probs: torch.Tensor, hops: int, scratch: Scratch) -> torch.Tensor:
+    """``multi_hop(probs, hops)`` into ``scratch``'s buffer ``multi`` (its contents are replaced)."""
     if hops < 2:
         raise ValueError(f"hops must be >= 2, got {hops}")
-    scratch = scratch if scratch is not None else Scratch()
-    multi, work = scratch.get("multi", probs), scratch.get("work", probs)
+    multi = scratch.get("multi", probs)
     torch.matmul(probs, probs, out=multi)  # (b, h, Q, K)
     if hops > 2:
         power, spare = scratch.get("power", probs), scratch.get("spare", probs)
@@ -312,21 +278,52 @@ def block_sums(
             power, spare = spare, power
             multi.add_(power)
         multi.div_(hops - 1)
-    if scores is not None and rows is not None:
-        flags = (special if special is not None else torch.zeros_like(keep))[:, None, None, :].to(probs.dtype)
-        h_dir, h_ind, tv, spec = rows(probs, scores, multi, flags)
-        h_dir = _lse_fallback(h_dir, probs, work)
+    return multi
+
+
+def block_sums(
+    probs: torch.Tensor,
+    keep: torch.Tensor,
+    special: torch.Tensor | None = None,
+    hops: int = 2,
+    plain: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
+) -> dict[str, torch.Tensor]:
+    """``query_sums(query_metrics(probs, keep, special, hops, plain), keep)``, in few passes over memory.
+
+    The fast path the probe runs on each block of heads. Passes over ``(b, h, Q, K)``: ``A @ A`` into a
+    scratch buffer; the direct entropy from ``scores`` (a product and two sums; else the log path);
+    the indirect entropy as one log into a second buffer and a row-wise dot; GTD in place on ``A @ A``;
+    the special-token mass as one product and a sum. The other masses read ``O(Q)`` or are
+    vector-matrix products. Normalized entropies are the sums divided by ``log n`` (constant per sequence).
+    ``fused.block_reduce`` is the same reduction as one function for ``torch.compile``.
+
+    Args:
+        probs: ``(b, h, Q, K)`` attention probabilities.
+        keep: ``(b, K)`` bool, True for real tokens.
+        special: ``(b, K)`` bool special tokens, or None.
+        hops: K of the multi-hop attention.
+        plain: ``(b, h, Q, K)`` attention before SAOBP (for ``bp_shift``), or None.
+        scores: ``(b, h, Q, K)`` logits with ``probs = softmax(scores)`` at ``probs``' precision, or None.
+        scratch: buffers to reuse (None: allocate).
+
+    Returns:
+        The dict ``query_sums`` returns: ``(b, h)`` float64 sums.
+    """
+    scratch = scratch if scratch is not None else Scratch()
+    multi = multi_hop_into(probs, hops, scratch)
+    work = scratch.get("work", probs)
+    if scores is not None:
+        h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
     else:
-        if scores is not None:
-            h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
-        else:
-            h_dir = entropy_into(probs, work)
-        h_ind = entropy_into(multi, work)
-        tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
-        if special is not None:
-            spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
-        else:
-            spec = torch.zeros_like(h_dir)
+        h_dir = entropy_into(probs, work)
+    h_ind = entropy_into(multi, work)
+    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
+    if special is not None:
+        spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
+    else:
+        spec = torch.zeros_like(h_dir)
     columns = [h_dir, h_ind, tv, self_mass(probs), local_mass(probs), first_mass(probs), spec]
     if plain is not None:
         columns.append(torch.sub(probs, plain, out=work).abs_().sum(-1).mul_(0.5))

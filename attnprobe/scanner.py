@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import attnprobe
-from attnprobe import AttnprobeError, encoders, fused, outputs
+from attnprobe import AttnprobeError, cpumem, encoders, fused, outputs
 from attnprobe.batching import Encoded, effective_max_length, encode_chunk, make_batches
 from attnprobe.config import ScanConfig, to_dict
 from attnprobe.probe import Probe, capturing
@@ -266,6 +266,8 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
                                    device=parallel.device_for(world, config.device),
                                    dtype=config.dtype, allow_pickle=config.allow_pickle,
                                    trust_remote_code=config.trust_remote_code, tokenizer=config.tokenizer)
+    # The forward's (B, H, L, L) buffers are reused instead of taken again as fresh pages (cpumem.py).
+    kept_freed_memory = loaded.device.type == "cpu" and cpumem.keep_freed_memory()
     max_length = effective_max_length(loaded, config.max_length)
     if getattr(loaded, "padding", "right") == "none" and on_notice is not None and world.is_main:
         on_notice(unpadded_notice(loaded))
@@ -329,6 +331,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "metric_dtype": str(probe.metric_dtype).replace("torch.", ""),
         "metrics_path": path.name,
         "compile": path.info,
+        "cpu_allocator": "keeps freed memory" if kept_freed_memory else "default",
         "versions": versions(),
         "seed": config.seed,
         "nonfinite": {"rows": int(heads["nonfinite"].sum()),

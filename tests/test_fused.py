@@ -1,7 +1,8 @@
 """The compiled metrics path (attnprobe/fused.py, ``scan --compile on``).
 
-``fused.block_rows`` is checked uncompiled against the readable spec in float64 on every edge case of
-``metrics.block_sums``; the compiled function against the plain path in float32, through a whole scan;
+``fused.block_reduce`` is checked uncompiled against the readable spec in float64 on every edge case of
+``metrics.block_sums`` (padded keys, several hops, zero probabilities, NaN rows, rows the log-sum-exp
+cannot serve); the compiled function against the plain path in float32, through a whole scan;
 and ``prepare``'s fallbacks (a compiler that fails, disagrees or is slower) keep the plain path.
 """
 
@@ -19,32 +20,69 @@ from attnprobe.scanner import scan
 from tests.test_block_sums import _assert_same, _logits_batch, _spec
 
 
+def _reduce(probs, keep, special=None, hops=2, scores=None, calls=None):
+    """``fused_sums`` with ``block_reduce`` uncompiled; ``calls`` collects whether each call served."""
+    def reduce(*args):
+        out = fused.block_reduce(*args)
+        if calls is not None:
+            calls.append(bool(out[-1]))
+        return out
+    return fused.fused_sums(reduce, probs, keep, special, hops, scores=scores)
+
+
 @pytest.mark.parametrize("pad_bias", [None, float("-inf")])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_block_rows_equal_spec_float64(seed, pad_bias):
+def test_block_reduce_equals_spec_float64(seed, pad_bias):
     scores, probs, keep = _logits_batch(seed, [5, 2, 7, 4], pad_bias=pad_bias)
     special = torch.zeros_like(keep)
     special[:, 0] = True
     special[2, 3] = True
     for hops in (2, 3):
-        got = metrics.block_sums(probs, keep, special, hops, scores=scores, rows=fused.block_rows)
+        calls = []
+        got = _reduce(probs, keep, special, hops, scores=scores, calls=calls)
+        assert calls == [True]  # the compiled function's sums, not the fallback's
+        assert set(got) == set(metrics.block_sums(probs, keep, special, hops, scores=scores))
         _assert_same(got, _spec(probs, keep, special, hops), 1e-12)
-    _assert_same(metrics.block_sums(probs, keep, None, scores=scores, rows=fused.block_rows), _spec(probs, keep), 1e-12)
+    _assert_same(_reduce(probs, keep, None, scores=scores), _spec(probs, keep), 1e-12)
 
 
-def test_block_rows_exact_zeros_and_nan_rows():
+def test_block_reduce_one_token_and_padded_query_rows():
+    scores, probs, keep = _logits_batch(3, [1, 6], pad_bias=float("-inf"))
+    calls = []
+    _assert_same(_reduce(probs, keep, keep.clone(), scores=scores, calls=calls),
+                 _spec(probs, keep, keep.clone()), 1e-12)
+    assert calls == [True]
+
+
+def test_block_reduce_falls_back_where_the_lse_cannot_serve():
     probs = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
     probs[0, 0, 0, 0] = 1.0
     probs[0, 0, 1, 2] = 1.0  # key 0 has probability 0: the log-sum-exp cannot serve this row
     probs[0, 0, 2, :2] = 0.5
     keep = torch.ones(1, 3, dtype=torch.bool)
-    got = metrics.block_sums(probs, keep, scores=torch.log(probs), rows=fused.block_rows)
-    _assert_same(got, _spec(probs, keep), 1e-15)
+    calls = []
+    _assert_same(_reduce(probs, keep, scores=torch.log(probs), calls=calls), _spec(probs, keep), 1e-15)
+    assert calls == [False]  # computed by the plain path
     scores, probs, keep = _logits_batch(7, [4, 4])
     scores[1, 0, 2, 1] = float("nan")
     probs = torch.softmax(scores, -1)
-    got = metrics.block_sums(probs, keep, scores=scores, rows=fused.block_rows)
+    got = _reduce(probs, keep, scores=scores)
     assert got["nonfinite"][1, 0].item() > 0
+    _assert_same(got, _spec(probs, keep), 1e-12)
+
+
+def test_block_reduce_counts_nonfinite_gtd_rows():
+    """A NaN in a padded query row reaches every row of A @ A (0 * NaN) but no valid row's direct entropy:
+    the compiled sums drop the non-finite rows as the plain path does."""
+    scores, probs, keep = _logits_batch(5, [4, 3])
+    probs = probs.clone()
+    probs[1, 1, 3, 0] = float("nan")  # sequence 1 has 3 tokens: query row 3 is padding
+    calls = []
+    got = _reduce(probs, keep, scores=scores, calls=calls)
+    assert calls == [True]
+    assert got["nonfinite"][1, 1].item() == 3 and got["queries"][1, 1].item() == 0
+    assert got["sink_weight"][1, 1].item() == 0 and got["sink_weight"][1, 0].item() == 3
+    _assert_same(got, metrics.block_sums(probs, keep, scores=scores), 1e-12)
     _assert_same(got, _spec(probs, keep), 1e-12)
 
 
@@ -66,7 +104,10 @@ def test_failing_compiler_keeps_plain_path():
 
 def test_disagreeing_compiler_keeps_plain_path():
     def wrong(fn):
-        return lambda p, s, m, sp: tuple(x * 1.01 for x in fn(p, s, m, sp))
+        def call(*args):
+            *sums, served = fn(*args)
+            return (*(x * 1.01 for x in sums), served)
+        return call
 
     path = fused.prepare("on", "cpu", torch.float32, 4, 16, compiler=wrong)
     assert path.name == "plain" and "disagreed" in path.info["reason"]

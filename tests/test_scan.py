@@ -210,3 +210,13 @@ def test_nonfinite_attention_is_flagged_not_averaged(tiny_bert, tmp_path):
 
     meta = json.loads((tmp_path / "run.json").read_text())
     assert all(h[0] == 1 for h in meta["nonfinite"]["heads"])
+
+
+def test_scan_on_the_cpu_keeps_freed_memory(tiny_bert):
+    """run.json says whether the scan ran with cpumem's allocator setting (tests/test_cpumem.py checks that it
+    takes effect); on the CPU under glibc it does, unless ATTNPROBE_KEEP_FREED_MEMORY=0."""
+    from attnprobe import cpumem
+
+    res = scan(ScanConfig(model=str(tiny_bert), text=("a short text", "and another one"), patterns=0))
+    assert res.meta["device"] == "cpu"
+    assert res.meta["cpu_allocator"] == ("keeps freed memory" if cpumem.keep_freed_memory() else "default")
