@@ -224,7 +224,7 @@ def scan(
             task = progress.add_task("scanning", total=cfg.limit) if progress else None
             result = scan_mod.scan(
                 cfg, loaded=loaded, out_dir=out_dir, source=source, should_stop=stop, world=world,
-                on_progress=(lambda n: progress.advance(task, n)) if progress else None,
+                keep_freed_memory=True, on_progress=(lambda n: progress.advance(task, n)) if progress else None,
                 on_notice=lambda message: typer.echo(f"note: {message}", err=True))
         if world.is_main:
             from attnprobe import summaries

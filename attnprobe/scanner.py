@@ -235,7 +235,8 @@ class _Chunks:
 def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path | None = None,
          on_progress: Callable[[int], None] | None = None,
          should_stop: Callable[[], int | None] | None = None, source=None,
-         on_notice: Callable[[str], None] | None = None, world=None) -> ScanResult:
+         on_notice: Callable[[str], None] | None = None, world=None,
+         keep_freed_memory: bool = False) -> ScanResult:
     """Scan a corpus and return per-head and per-layer diagnostics (and write them if ``out_dir``).
 
     Under torchrun / accelerate (``world``: parallel.World with several processes) every process scans
@@ -251,6 +252,8 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         source: a data.TextSource, else one is opened from ``config``.
         on_notice: called with one-line notices (e.g. batches split after running out of memory).
         world: the process group (parallel.current_world()); None for a single process.
+        keep_freed_memory: on the CPU, apply ``cpumem.keep_freed_memory()`` for the rest of the process
+            (the ``attnprobe scan`` command does; a library call leaves the caller's allocator alone).
     """
     from attnprobe import data, models, parallel
 
@@ -267,7 +270,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
                                    dtype=config.dtype, allow_pickle=config.allow_pickle,
                                    trust_remote_code=config.trust_remote_code, tokenizer=config.tokenizer)
     # The forward's (B, H, L, L) buffers are reused instead of taken again as fresh pages (cpumem.py).
-    kept_freed_memory = loaded.device.type == "cpu" and cpumem.keep_freed_memory()
+    kept_freed_memory = keep_freed_memory and loaded.device.type == "cpu" and cpumem.keep_freed_memory()
     max_length = effective_max_length(loaded, config.max_length)
     if getattr(loaded, "padding", "right") == "none" and on_notice is not None and world.is_main:
         on_notice(unpadded_notice(loaded))
