@@ -13,9 +13,16 @@ Each mode is one fresh process over the same corpus (a TSV of sample-corpus text
 The modes run in rounds, their order rotating from round to round, so each round's processes see similar
 machine load; every process gets ``OMP_NUM_THREADS=--threads``. Reported per mode: the median and the best
 wall time of the whole process, and for each pair the ratio of the best, of the medians, and the median of
-the per-round ratios. This script measures; it changes nothing in the package.
+the per-round ratios, and each process's minor page faults. This script measures; it changes nothing in the
+package.
 
     python bench/bench_process.py --length 128 --rows 1024 --rounds 3 --threads 1
+
+Peak memory of a scan with and without the allocator setting (``--write-corpus`` writes the same corpus):
+
+    python bench/bench_process.py --length 512 --rows 64 --write-corpus /tmp/corpus512.tsv
+    /usr/bin/time -f "%M KiB" attnprobe scan minilm-l6 --data /tmp/corpus512.tsv --max-length 512 \
+        --patterns 0 --out /tmp/r
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -98,12 +106,14 @@ def run_mode(mode: str, corpus: Path, args, work: Path) -> dict:
             cmd += ["--compile", "on"]
         if mode == "scan_default":
             env["ATTNPROBE_KEEP_FREED_MEMORY"] = "0"
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, check=False)
     wall = time.perf_counter() - started
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults  # the finished child's page faults
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    result = {"wall_s": wall}
+    result = {"wall_s": wall, "minor_faults": faults}
     if mode.startswith("eager"):
         result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     else:
@@ -122,11 +132,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--write-corpus", default=None, metavar="TSV",
+                    help="only write the corpus (--rows, --length) to this file, e.g. for a scan under /usr/bin/time")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child_eager(args)
+        return
+    if args.write_corpus:
+        write_corpus(Path(args.write_corpus), args.rows, args.length)
         return
 
     from bench_scan import package_state
@@ -151,7 +166,8 @@ def main() -> None:
                 runs[mode].append(res)
                 print(f"  round {r + 1} {mode:14s} {res['wall_s']:7.1f} s whole process"
                       + (f", loop {res['loop_s']:.1f} s" if "loop_s" in res else "")
-                      + (f", allocator {res['cpu_allocator']}" if res.get("cpu_allocator") else ""), flush=True)
+                      + (f", allocator {res['cpu_allocator']}" if res.get("cpu_allocator") else "")
+                      + f", {res['minor_faults']} page faults", flush=True)
     tokens = {m: {v["tokens"] for v in runs[m]} for m in runs}
     print(f"tokens per process: {tokens}")
     summary = {}
