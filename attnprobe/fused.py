@@ -62,18 +62,16 @@ def block_reduce(probs: torch.Tensor, scores: torch.Tensor, multi: torch.Tensor,
     h_ind = -(multi * multi.clamp_min(tiny).log()).sum(-1)
     tv = (multi - probs).abs().sum(-1) * 0.5
     spec = (probs * special[:, None, None, :]).sum(-1)
-    own = probs.diagonal(dim1=-2, dim2=-1)
-    local = (torch.nn.functional.pad(probs.diagonal(offset=-1, dim1=-2, dim2=-1), (1, 0))
-             + torch.nn.functional.pad(probs.diagonal(offset=1, dim1=-2, dim2=-1), (0, 1)))
+    own, local, first_key = metrics.self_mass(probs), metrics.local_mass(probs), metrics.first_mass(probs)
 
     valid = keep[:, None, :] > 0  # (b, 1, Q)
     served = ~(valid & ~torch.isfinite(h_dir)).any()
     bad = ~torch.isfinite(tv) & valid
     ok = valid & ~bad
     d, i, g, s, lo, fi, sp = (torch.where(ok, c.to(f64), 0.0).sum(-1) for c in (h_dir, h_ind, tv, own, local,
-                                                                               first, spec))
+                                                                               first_key, spec))
     n = keep.to(f64).sum(-1)  # (b,)
-    log_n = torch.where(n >= 2, n.log(), 1.0)[:, None]
+    log_n = metrics.normalizer(keep)[:, None]
     share = (keep[:, None, :, None] * probs).sum(-2) / n.clamp_min(1.0).to(probs.dtype)[:, None, None]
     head_ok = ~bad.any(-1)  # (b, h)
     n = n[:, None]
