@@ -1,14 +1,16 @@
-"""Keep freed CPU memory for reuse during training (glibc's malloc on Linux).
+"""Keep freed CPU memory for reuse by the next training step or scan batch (glibc's malloc on Linux).
 
 A training step allocates and frees the same large activation and gradient buffers every step (SAOBP adds
-several per layer). With glibc's default thresholds, buffers above the mmap threshold (128 KiB at first, raised
-by glibc as it sees larger ones freed, to at most 32 MiB) are mapped and unmapped each time, and free space at
-the top of the heap beyond twice that threshold is handed back to the kernel after a backward pass, so the next
-step takes those pages again as fresh, zeroed page faults. ``keep_freed_memory`` raises both
-thresholds so that freed memory stays in the process for the next step, as PyTorch's GPU caching
-allocator does on CUDA. The process then holds its peak footprint until it exits.
+several per layer), and a scan batch its ``(B, H, L, L)`` attention buffers. With glibc's default thresholds,
+buffers above the mmap threshold (128 KiB at first, raised by glibc as it sees larger ones freed, to at most
+32 MiB) are mapped and unmapped each time, and free space at the top of the heap beyond twice that threshold
+is handed back to the kernel (after a backward pass, for instance), so the next step or batch takes those pages
+again as fresh, zeroed page faults. ``keep_freed_memory`` raises both thresholds so that freed memory stays in
+the process for the next one, as PyTorch's GPU caching allocator does on CUDA. The process then holds its
+peak footprint until it exits.
 
-``attnprobe refine`` calls it for training on the CPU; ``ATTNPROBE_KEEP_FREED_MEMORY=0`` turns it off.
+``attnprobe refine`` calls it for training on the CPU and the ``attnprobe scan`` command for a scan on the CPU;
+``ATTNPROBE_KEEP_FREED_MEMORY=0`` turns it off. run.json records ``label(...)`` as ``cpu_allocator``.
 Elsewhere (musl, macOS, Windows) it does nothing.
 """
 
@@ -44,3 +46,8 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def label(kept: bool) -> str:
+    """run.json's ``cpu_allocator``: ``keeps freed memory`` or ``default``."""
+    return "keeps freed memory" if kept else "default"

@@ -360,7 +360,7 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         "backend": loaded.backend,
         "diagnostics_from": "evaluation" if eval_probe is not None else "scan",  # the eval pass, or a second one
         "device": str(args.device),
-        "cpu_allocator": "keeps freed memory" if kept_freed_memory else "default",
+        "cpu_allocator": cpumem.label(kept_freed_memory),
         "processes": state.num_processes,
         "dtype": cfg.dtype,
         "versions": scanner.versions(),

@@ -334,7 +334,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "metric_dtype": str(probe.metric_dtype).replace("torch.", ""),
         "metrics_path": path.name,
         "compile": path.info,
-        "cpu_allocator": "keeps freed memory" if kept_freed_memory else "default",
+        "cpu_allocator": cpumem.label(kept_freed_memory),
         "versions": versions(),
         "seed": config.seed,
         "nonfinite": {"rows": int(heads["nonfinite"].sum()),
