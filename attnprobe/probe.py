@@ -54,6 +54,15 @@ def _assemble(parts, key: str) -> torch.Tensor:
     return torch.cat([torch.cat(r, dim=1) for r in rows.values()], dim=0)
 
 
+class AttentionComplete(Exception):
+    """Raised out of the forward pass once the last layer's attention is reduced (``Probe.stop_after_last``).
+
+    Nothing a probe reports depends on what the model computes after its last attention call (the last
+    layer's output projection and feed-forward block, a pooler or task head), so ``scanner.forward_batch``
+    stops the pass there and catches this.
+    """
+
+
 def active_probe() -> Probe | None:
     """The probe of the current context, or None (plain inference and training)."""
     return _ACTIVE.get()
@@ -100,6 +109,9 @@ class Probe:
         self._batch: list[dict[str, torch.Tensor]] = []
         self.refined_layers: set[int] = set()
         self.calls = 0  # attention calls seen in total
+        # Raise AttentionComplete after the last layer's attention (only for callers that catch it).
+        self.stop_after_last = False
+        self.passes_cut = 0  # forward passes that scanner.forward_batch ended there
         self.block_fn = metrics.block_sums  # the per-block metrics: (probs, keep, special, hops, plain, scores, scratch)
         self._scratch = metrics.Scratch()
         if num_heads is not None:
@@ -155,6 +167,8 @@ class Probe:
         if "bp_shift" not in sums:
             sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))
         self._batch.append(sums)
+        if self.stop_after_last and layer == self.num_layers - 1:
+            raise AttentionComplete
 
     def _init_totals(self, num_heads: int) -> None:
         self.num_heads = num_heads

@@ -21,7 +21,7 @@ import attnprobe
 from attnprobe import AttnprobeError, cpumem, encoders, fused, outputs
 from attnprobe.batching import Encoded, effective_max_length, encode_chunk, make_batches
 from attnprobe.config import ScanConfig, to_dict
-from attnprobe.probe import Probe, capturing
+from attnprobe.probe import AttentionComplete, Probe, capturing
 from attnprobe.tables import (  # noqa: F401  (re-exported: refine and benchmarks use them from here)
     FLAG_COLUMNS, METRIC_COLUMNS, example_frame, head_frame, layer_frame)
 
@@ -49,8 +49,15 @@ class ScanResult:
 
 
 def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special: torch.Tensor,
-                  model=None) -> dict[str, torch.Tensor] | None:
-    """One forward pass under the probe; returns per-example sums ``(B, L, H)`` if the probe keeps them."""
+                  model=None, stop_early: bool = False) -> dict[str, torch.Tensor] | None:
+    """One forward pass under the probe; returns per-example sums ``(B, L, H)`` if the probe keeps them.
+
+    ``stop_early`` ends the pass once the last layer's attention is reduced (``probe.AttentionComplete``):
+    nothing the probe reports depends on the rest (the last layer's output projection and feed-forward
+    block, a pooler or task head). It applies to the attention-function backend, whose probabilities
+    arrive during the pass; ``run_batches`` runs its first batch whole, so ``Probe.end`` checks the
+    number of attention calls of a complete pass before any pass is cut short.
+    """
     model = model if model is not None else loaded.model
     keep = batch["attention_mask"].bool()
     probe.begin(keep, special)
@@ -66,7 +73,13 @@ def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special:
                 probe.observe(None, layer_probs)
             del attentions
         else:
-            model(**batch)
+            probe.stop_after_last = stop_early
+            try:
+                model(**batch)
+            except AttentionComplete:
+                probe.passes_cut += 1
+            finally:
+                probe.stop_after_last = False
     return probe.end()
 
 
@@ -85,7 +98,8 @@ def forward_resilient(loaded, probe: Probe, batch, special, rows, model=None,
     Yields ``(batch, rows, per_example_sums)`` for each piece that ran. Says so once via ``on_notice``.
     """
     try:
-        per = forward_batch(loaded, probe, batch, special, model=model)
+        per = forward_batch(loaded, probe, batch, special, model=model,
+                            stop_early=bool(state is not None and state.get("stop_early")))
     except torch.OutOfMemoryError:
         probe.abort()
         if len(rows) == 1:
@@ -144,7 +158,8 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
         probe.block_fn = block_fn
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
-    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0}
+    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0, "passes": 0,
+              "passes_cut": 0}
     state: dict = {}
     for chunk in chunks:
         texts, pairs, rows = chunk.texts, chunk.pairs, chunk.rows
@@ -163,6 +178,8 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
                 raise Interrupted(signum)
             for piece, piece_rows, per in forward_resilient(loaded, probe, batch, special, batch_rows, model=model,
                                                             on_notice=on_notice, state=state):
+                state["stop_early"] = True  # a whole pass was accepted: the later ones end at the last attention
+                counts["passes"] += 1
                 counts["sequences"] += len(piece_rows)
                 counts["tokens"] += int(piece["attention_mask"].sum())
                 if per is not None and on_examples is not None:
@@ -172,6 +189,7 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
         if on_progress is not None and enc.short:
             on_progress(enc.short)
     counts["oom_splits"] = state.get("oom_splits", 0)
+    counts["passes_cut"] = probe.passes_cut
     if world.distributed:
         probe.load_totals(parallel.all_reduce_sums(probe.totals(), world))
         counts = parallel.all_reduce_counts(counts, world)
@@ -335,6 +353,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "metrics_path": path.name,
         "compile": path.info,
         "cpu_allocator": cpumem.label(kept_freed_memory),
+        "forward_passes": {"total": counts["passes"], "ended_at_last_attention": counts["passes_cut"]},
         "versions": versions(),
         "seed": config.seed,
         "nonfinite": {"rows": int(heads["nonfinite"].sum()),

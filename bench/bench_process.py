@@ -6,6 +6,9 @@ Each mode is one fresh process over the same corpus (a TSV of sample-corpus text
     eager          a plain script: load the model with ``attn_implementation="eager"``, tokenize the rows
                    (truncated to ``--length``), forward them in batches under ``torch.no_grad()``
     eager_kept     the same script after ``cpumem.keep_freed_memory()`` (the allocator setting scan uses)
+    eager_cut      the eager script with each pass ended after the last layer's self-attention module (a
+                   forward hook that raises), the model work a scan does since it ends its passes at the last
+                   attention: scan against it is the probe's own cost
     scan           ``attnprobe scan minilm-l6 --data corpus.tsv --max-length L --batch-size B --patterns 0``
     scan_default   the same with ``ATTNPROBE_KEEP_FREED_MEMORY=0`` (glibc's default thresholds)
     scan_compiled  the same as scan with ``--compile on``
@@ -41,9 +44,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MODES = ("eager", "eager_kept", "scan", "scan_default", "scan_compiled")
+MODES = ("eager", "eager_kept", "eager_cut", "scan", "scan_default", "scan_compiled")
 PAIRS = (("eager", "scan"), ("eager", "scan_default"), ("eager", "scan_compiled"), ("eager_kept", "scan"),
-         ("eager", "eager_kept"), ("scan_default", "scan"))
+         ("eager_cut", "scan"), ("eager_cut", "scan_compiled"), ("eager", "eager_cut"), ("eager", "eager_kept"),
+         ("scan_default", "scan"))
 
 
 def write_corpus(path: Path, rows: int, length: int) -> None:
@@ -81,6 +85,15 @@ def child_eager(args) -> None:
     path = models.resolve_model("minilm-l6")[0]
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+
+    class Cut(Exception):
+        pass
+
+    def cut(*_):
+        raise Cut
+
+    if args.child == "eager_cut":
+        model.encoder.layer[-1].attention.self.register_forward_hook(cut)
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()[1:]
     started = time.perf_counter()
     tokens = 0
@@ -89,7 +102,10 @@ def child_eager(args) -> None:
             batch = tokenizer(lines[i:i + args.batch_size], truncation=True, max_length=args.length,
                               padding=True, return_tensors="pt")
             tokens += int(batch["attention_mask"].sum())
-            model(**batch)
+            try:
+                model(**batch)
+            except Cut:
+                pass
     print(json.dumps({"loop_s": time.perf_counter() - started, "tokens": tokens}))
 
 

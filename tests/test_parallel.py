@@ -53,10 +53,10 @@ def test_out_of_memory_halves_the_batch_and_says_so_once(tiny_bert, monkeypatch)
     expected = scan(ScanConfig(model=str(tiny_bert), text=tuple(_texts(9)), batch_size=8), loaded=loaded)
     real = scan_mod.forward_batch
 
-    def limited(loaded, probe, batch, special, model=None):
+    def limited(loaded, probe, batch, special, model=None, stop_early=False):
         B, Q = batch["input_ids"].shape
         if B <= 2:
-            return real(loaded, probe, batch, special, model=model)
+            return real(loaded, probe, batch, special, model=model, stop_early=stop_early)
         probe.begin(batch["attention_mask"].bool(), special)
         probe.observe(None, torch.softmax(torch.rand(B, 4, Q, Q), -1))  # one layer done, then the failure
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

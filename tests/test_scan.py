@@ -110,6 +110,42 @@ def test_scan_tables_match_independent_computation(tiny_models, kind):
     assert result.layers.loc[0, "gtd"] == pytest.approx(layer0["gtd"].mean())
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "albert"])
+def test_passes_after_the_first_end_at_the_last_attention(tiny_models, kind, monkeypatch):
+    """The first batch runs whole (Probe.end checks its attention calls); the later ones end after the
+    last layer's attention, and the sums are exactly those of whole passes."""
+    from attnprobe import data, scanner
+
+    loaded = models.load_model(str(tiny_models[kind]))
+    whole = []
+    hook = loaded.model.register_forward_hook(lambda *_: whole.append(1))  # runs only when a pass completes
+    chunk = data.Chunk(list(TEXTS), None, None, list(range(len(TEXTS))))
+    cut, _ = scanner.run_batches(loaded, [chunk], batch_size=1, max_length=64, hops=2)
+    assert len(whole) == 1  # of 4 batches
+    assert cut.passes_cut == 3
+    original = scanner.forward_batch
+    monkeypatch.setattr(scanner, "forward_batch", lambda *a, stop_early=False, **k: original(*a, **k))
+    full, _ = scanner.run_batches(loaded, [chunk], batch_size=1, max_length=64, hops=2)
+    hook.remove()
+    assert len(whole) == 1 + 4
+    for key, value in full.totals().items():
+        torch.testing.assert_close(cut.totals()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    monkeypatch.undo()
+    meta = scan(ScanConfig(model=str(tiny_models[kind]), text=tuple(TEXTS), batch_size=1), loaded=loaded).meta
+    assert meta["forward_passes"] == {"total": 4, "ended_at_last_attention": 3}
+
+
+def test_a_probe_that_stops_early_raises_only_after_the_last_layer():
+    probe = probe_mod.Probe(num_layers=2, num_heads=1)
+    probe.stop_after_last = True
+    probe.begin(torch.ones(1, 3, dtype=torch.bool))
+    probs = torch.full((1, 1, 3, 3), 1 / 3)
+    probe.observe(None, probs)  # layer 0: no stop
+    with pytest.raises(probe_mod.AttentionComplete):
+        probe.observe(None, probs)
+    assert probe.end() is None and probe.totals()["queries"].sum() == 2 * 3
+
+
 def test_scan_batch_size_and_sorting_do_not_change_results(tiny_bert):
     a = scan(ScanConfig(model=str(tiny_bert), text=tuple(TEXTS), batch_size=1))
     b = scan(ScanConfig(model=str(tiny_bert), text=tuple(TEXTS), batch_size=4))
@@ -156,6 +192,7 @@ def test_eager_outputs_fallback_gives_the_same_tables(tiny_bert):
     loaded.backend = "eager-outputs"
     fallback = scan(ScanConfig(model=str(tiny_bert), text=tuple(TEXTS)), loaded=loaded)
     assert fallback.meta["backend"] == "eager-outputs"
+    assert fallback.meta["forward_passes"]["ended_at_last_attention"] == 0  # its attention comes after the pass
     cols = ["direct_entropy", "indirect_entropy", "gtd", "sink_mass"]
     np.testing.assert_allclose(streamed.heads[cols].to_numpy(), fallback.heads[cols].to_numpy(), atol=1e-6)
 
