@@ -4,7 +4,9 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 ``torch.no_grad()``:
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
-    scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics
+    scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics, ended at the
+                       last layer's attention as a scan ends every pass after its first (``stop_early``)
+    scan_whole         the same, the pass run whole (how ``scan`` was measured before 2026-12-03 11:00 UTC)
     scan_compiled      the same with ``scan --compile on``'s compiled per-block metrics (attnprobe/fused.py),
                        compiled and checked once per length before the timing
     scan_before        the same forward with the probe of before the 2026-12-02 probe rewrite (``BeforeProbe``: the pure metric
@@ -47,12 +49,13 @@ from attnprobe.probe import Probe, means
 from attnprobe.batching import effective_max_length, encode_chunk, make_batches  # noqa: E402
 from attnprobe.scanner import CHUNK_ROWS, forward_batch, scan, versions
 
-MODES = ("eager", "scan", "scan_compiled", "scan_before", "naive", "output_attentions")
-PROBED = {"scan", "scan_compiled", "scan_before"}
+MODES = ("eager", "scan", "scan_whole", "scan_compiled", "scan_before", "naive", "output_attentions")
+PROBED = {"scan", "scan_whole", "scan_compiled", "scan_before"}
 # Throughput ratios reported: key -> (numerator mode, denominator mode), i.e. seconds of num / seconds of den.
 RATIOS = {"scan_over_eager": ("eager", "scan"), "scan_over_naive": ("naive", "scan"),
           "scan_before_over_eager": ("eager", "scan_before"), "scan_over_scan_before": ("scan_before", "scan"),
-          "scan_compiled_over_eager": ("eager", "scan_compiled"), "scan_compiled_over_scan": ("scan", "scan_compiled")}
+          "scan_compiled_over_eager": ("eager", "scan_compiled"), "scan_compiled_over_scan": ("scan", "scan_compiled"),
+          "scan_whole_over_eager": ("eager", "scan_whole"), "scan_over_scan_whole": ("scan_whole", "scan")}
 NAIVE_METRICS = ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
                  "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass")
 WARMUP_ROWS = 2  # sequences in the warm-up batch: enough to initialise kernels, small next to a real batch
@@ -212,7 +215,9 @@ class Runner:
                 probe = (BeforeProbe if mode == "scan_before" else Probe)(self.loaded.num_layers, hops=2)
                 if mode == "scan_compiled":
                     probe.block_fn = self.compiled.block_fn
-                forward_batch(self.loaded, probe, batch, special)
+                # Like a scan after its first batch: the pass ends at the last attention (scan_whole: it runs
+                # whole, the probe's own cost against the eager forward).
+                forward_batch(self.loaded, probe, batch, special, stop_early=mode != "scan_whole")
                 return probe
             if mode == "output_attentions":
                 return self.eager(**batch, output_attentions=True)
@@ -347,7 +352,9 @@ TARGETS = {"scan_over_eager": {128: 0.85, 512: 0.45}, "scan_compiled_over_eager"
 LABELS = {"scan_over_eager": "scan/eager throughput", "scan_over_naive": "scan/naive throughput",
           "scan_before_over_eager": "scan_before/eager throughput", "scan_over_scan_before": "scan/scan_before speed-up",
           "scan_compiled_over_eager": "scan_compiled/eager throughput",
-          "scan_compiled_over_scan": "scan_compiled/scan speed-up"}
+          "scan_compiled_over_scan": "scan_compiled/scan speed-up",
+          "scan_whole_over_eager": "scan_whole/eager throughput",
+          "scan_over_scan_whole": "scan/scan_whole speed-up"}
 
 
 def print_timing(res: dict) -> None:
