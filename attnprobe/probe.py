@@ -112,10 +112,29 @@ class Probe:
         # Raise AttentionComplete after the last layer's attention (only for callers that catch it).
         self.stop_after_last = False
         self.passes_cut = 0  # forward passes that scanner.forward_batch ended there
+        # Let the attention function compute each layer's logits and probabilities into two buffers kept here
+        # (attention_buffers); only for callers that keep no layer's probabilities past its layer.
+        self.reuse_buffers = False
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.block_fn = metrics.block_sums  # the per-block metrics: (probs, keep, special, hops, plain, scores, scratch)
         self._scratch = metrics.Scratch()
         if num_heads is not None:
             self._init_totals(num_heads)
+
+    def attention_buffers(self, shape: tuple[int, ...], dtype: torch.dtype,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two contiguous tensors of ``shape`` for one layer's logits and probabilities, views of flat buffers
+        that grow to the largest shape asked for and are reused by every later layer and batch."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        key = (dtype, device)
+        held = self._buffers.get(key)
+        if held is None or held[0].numel() < numel:
+            self._buffers.pop(key, None)  # free the smaller pair before taking the larger one
+            held = (torch.empty(numel, dtype=dtype, device=device), torch.empty(numel, dtype=dtype, device=device))
+            self._buffers[key] = held
+        return held[0][:numel].view(shape), held[1][:numel].view(shape)
 
     def begin(self, keep: torch.Tensor, special: torch.Tensor | None = None) -> None:
         """Start a batch: ``keep`` and ``special`` are ``(B, Q)`` bool masks of the input tokens."""

@@ -212,14 +212,29 @@ def attention_forward(
     """
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Q, K)
+    active = _probe.active_probe()
+    # Under a scan's probe without autograd, the (B, H, Q, K) logits and probabilities go into two buffers the
+    # probe keeps from layer to layer: the same operations, without taking fresh pages for every layer.
+    reuse = isinstance(active, _probe.Probe) and active.reuse_buffers and not torch.is_grad_enabled()
+    shape = (*query.shape[:-1], key.shape[-2])
+    if reuse and query.dtype == key.dtype:
+        scores_out, probs_out = active.attention_buffers(shape, query.dtype, query.device)
+        scores = torch.matmul(query, key.transpose(2, 3), out=scores_out).mul_(scaling)
+    else:
+        reuse = False
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Q, K)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros_like(attention_mask, dtype=scores.dtype).masked_fill(
                 ~attention_mask, torch.finfo(scores.dtype).min
             )
-        scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1)
+        if reuse and attention_mask.dtype == scores.dtype and \
+                torch.broadcast_shapes(attention_mask.shape, scores.shape) == scores.shape:
+            scores.add_(attention_mask)
+        else:
+            scores = scores + attention_mask
+            reuse = False
+    probs = torch.softmax(scores, dim=-1, out=probs_out) if reuse else nn.functional.softmax(scores, dim=-1)
     settings = getattr(getattr(module, "config", None), "saobp", None)
     plain = None
     if settings:
@@ -228,7 +243,6 @@ def attention_forward(
         if settings.applies_to(_layer_of(module)):
             plain = probs
             probs = saobp_probs(scores, settings.gamma, settings.strength, probs=plain)
-    active = _probe.active_probe()
     # Unrefined attention under attnprobe's probe: its logits give the direct entropy without a log over
     # (Q, K). Otherwise one layer's (B, H, Q, K) logits are freed before the probe's temporaries.
     logits = scores.detach() if plain is None and isinstance(active, _probe.Probe) else None

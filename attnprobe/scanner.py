@@ -156,6 +156,7 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
                   num_heads=loaded.num_heads or None)
     if block_fn is not None:
         probe.block_fn = block_fn
+    probe.reuse_buffers = True  # nothing here keeps a layer's probabilities past its layer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
     counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0, "passes": 0,

@@ -135,6 +135,57 @@ def test_passes_after_the_first_end_at_the_last_attention(tiny_models, kind, mon
     assert meta["forward_passes"] == {"total": 4, "ended_at_last_attention": 3}
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "albert", "bert+bp-high"])
+def test_reused_attention_buffers_give_the_same_sums(tiny_models, kind):
+    """The attention function's logits and probabilities in the probe's buffers (as run_batches asks) give
+    exactly the sums of freshly allocated ones, as batches grow and shrink (views of one flat buffer)."""
+    from attnprobe import saobp, scanner
+
+    loaded = models.load_model(str(tiny_models[kind.split("+")[0]]))
+    if kind.endswith("bp-high"):
+        saobp.apply(loaded.model, "bp-high")
+    enc = loaded.tokenizer(list(TEXTS), padding=True, return_tensors="pt")
+    special = torch.isin(enc["input_ids"], torch.tensor(loaded.tokenizer.all_special_ids)) & enc["attention_mask"].bool()
+    results = {}
+    for reuse in (False, True):
+        probe = probe_mod.Probe(loaded.num_layers, num_heads=loaded.num_heads, per_example=True)
+        probe.reuse_buffers = reuse
+        per = []
+        for rows in ([1], [0, 1, 2, 3], [2, 3]):
+            n = int(enc["attention_mask"][rows].sum(-1).max())
+            batch = {k: enc[k][rows, :n] for k in ("input_ids", "attention_mask")}
+            per.append(scanner.forward_batch(loaded, probe, batch, special[rows, :n]))
+        assert bool(probe._buffers) == reuse
+        results[reuse] = (probe.totals(), per)
+    (fresh, fresh_per), (kept, kept_per) = results[False], results[True]
+    for key, value in fresh.items():
+        torch.testing.assert_close(kept[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    for a, b in zip(fresh_per, kept_per):
+        for key, value in a.items():
+            torch.testing.assert_close(b[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    if kind.endswith("bp-high"):
+        assert probe.refined_layers == set(range(loaded.num_layers))
+
+
+def test_attention_buffers_are_reused_only_under_a_probe_without_autograd(tiny_bert):
+    from attnprobe import saobp
+
+    probe = probe_mod.Probe(num_layers=1, num_heads=2)
+    probe.reuse_buffers = True
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    module = torch.nn.Module()
+    with probe_mod.capturing(probe):
+        probe.begin(torch.ones(2, 5, dtype=torch.bool))
+        with torch.no_grad():
+            _, kept = saobp.attention_forward(module, q, k, v, None)
+        assert kept.data_ptr() == probe._buffers[(torch.float32, kept.device)][1].data_ptr()
+        probe.abort()
+        probe.begin(torch.ones(2, 5, dtype=torch.bool))
+        _, fresh = saobp.attention_forward(module, q, k, v, None)  # autograd on: nothing reused
+        assert fresh.data_ptr() != kept.data_ptr()
+        torch.testing.assert_close(fresh, kept, rtol=0, atol=0)
+
+
 def test_a_probe_that_stops_early_raises_only_after_the_last_layer():
     probe = probe_mod.Probe(num_layers=2, num_heads=1)
     probe.stop_after_last = True
