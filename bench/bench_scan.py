@@ -4,9 +4,11 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 ``torch.no_grad()``:
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
-    scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics, ended at the
-                       last layer's attention as a scan ends every pass after its first (``stop_early``)
-    scan_whole         the same, the pass run whole (how ``scan`` was measured before 2026-12-03 11:00 UTC)
+    scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics as a scan runs
+                       every pass after its first: ended at the last layer's attention (``stop_early``), logits
+                       and probabilities in the probe's buffers (``Probe.reuse_buffers``); a fresh probe (and so
+                       fresh buffers) per batch here
+    scan_whole         the same with whole passes and fresh tensors (how ``scan`` was measured before 2026-12-03)
     scan_compiled      the same with ``scan --compile on``'s compiled per-block metrics (attnprobe/fused.py),
                        compiled and checked once per length before the timing
     scan_before        the same forward with the probe of before the 2026-12-02 probe rewrite (``BeforeProbe``: the pure metric
@@ -215,8 +217,9 @@ class Runner:
                 probe = (BeforeProbe if mode == "scan_before" else Probe)(self.loaded.num_layers, hops=2)
                 if mode == "scan_compiled":
                     probe.block_fn = self.compiled.block_fn
-                # Like a scan after its first batch: the pass ends at the last attention (scan_whole: it runs
-                # whole, the probe's own cost against the eager forward).
+                # Like a scan after its first batch: the pass ends at the last attention, the logits and
+                # probabilities go into the probe's buffers (scan_whole: whole passes, fresh tensors).
+                probe.reuse_buffers = mode != "scan_whole"
                 forward_batch(self.loaded, probe, batch, special, stop_early=mode != "scan_whole")
                 return probe
             if mode == "output_attentions":
