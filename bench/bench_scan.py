@@ -494,6 +494,7 @@ def sst2_bench(runner: Runner, args) -> dict:
     prep = eager_s = scan_s = 0.0
     batches = 0
     probe = Probe(loaded.num_layers, hops=2)
+    probe.reuse_buffers = True  # as scan()'s batch loop: the probe's buffers, passes after the first cut short
     t_prep = time.perf_counter()
     for chunk in source.chunks(CHUNK_ROWS, limit=args.sst2_limit):
         enc = encode_chunk(tok, chunk.texts, chunk.pairs, chunk.rows, max_length)
@@ -506,7 +507,7 @@ def sst2_bench(runner: Runner, args) -> dict:
                     if mode == "eager":
                         runner.eager(**batch)
                     else:
-                        forward_batch(loaded, probe, batch, special)
+                        forward_batch(loaded, probe, batch, special, stop_early=batches > 0)
                 runner.sync()
                 if mode == "eager":
                     eager_s += time.perf_counter() - t
