@@ -215,7 +215,9 @@ def attention_forward(
     active = _probe.active_probe()
     # Under a scan's probe without autograd, the (B, H, Q, K) logits and probabilities go into two buffers the
     # probe keeps from layer to layer: the same operations, without taking fresh pages for every layer.
-    reuse = isinstance(active, _probe.Probe) and active.reuse_buffers and not torch.is_grad_enabled()
+    # Not under autocast: an operation with out= is not autocast, so it would run at another precision.
+    reuse = (isinstance(active, _probe.Probe) and active.reuse_buffers and not torch.is_grad_enabled()
+             and not torch.is_autocast_enabled(query.device.type))
     shape = (*query.shape[:-1], key.shape[-2])
     if reuse and query.dtype == key.dtype:
         scores_out, probs_out = active.attention_buffers(shape, query.dtype, query.device)

@@ -184,6 +184,11 @@ def test_attention_buffers_are_reused_only_under_a_probe_without_autograd(tiny_b
         _, fresh = saobp.attention_forward(module, q, k, v, None)  # autograd on: nothing reused
         assert fresh.data_ptr() != kept.data_ptr()
         torch.testing.assert_close(fresh, kept, rtol=0, atol=0)
+        probe.abort()
+        probe.begin(torch.ones(2, 5, dtype=torch.bool))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            _, cast = saobp.attention_forward(module, q, k, v, None)  # autocast: its own precision, no buffers
+        assert cast.dtype == torch.bfloat16
 
 
 def test_a_probe_that_stops_early_raises_only_after_the_last_layer():
