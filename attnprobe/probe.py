@@ -10,6 +10,7 @@ computes the metrics in blocks of sequences or heads (bounded extra memory, reus
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from collections.abc import Iterator
 
@@ -111,7 +112,8 @@ class Probe:
         self.calls = 0  # attention calls seen in total
         # Raise AttentionComplete after the last layer's attention (only for callers that catch it).
         self.stop_after_last = False
-        self.passes_cut = 0  # forward passes that scanner.forward_batch ended there
+        self.passes = 0  # forward passes accepted by end()
+        self.passes_cut = 0  # of those, the ones scanner.forward_batch ended there
         # Let the attention function compute each layer's logits and probabilities into two buffers kept here
         # (attention_buffers); only for callers that keep no layer's probabilities past its layer.
         self.reuse_buffers = False
@@ -125,9 +127,7 @@ class Probe:
                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Two contiguous tensors of ``shape`` for one layer's logits and probabilities, views of flat buffers
         that grow to the largest shape asked for and are reused by every later layer and batch."""
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         key = (dtype, device)
         held = self._buffers.get(key)
         if held is None or held[0].numel() < numel:
@@ -204,6 +204,7 @@ class Probe:
                 f"the probe saw {len(batch)} attention calls in one forward pass, expected {self.num_layers}; "
                 "the model does not run attnprobe's attention function in every layer"
             )
+        self.passes += 1
         stacked = {k: torch.stack([layer[k] for layer in batch], dim=1) for k in batch[0]}  # (B, L, H)
         if self._totals is None:
             self._init_totals(stacked["queries"].shape[-1])

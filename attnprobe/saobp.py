@@ -218,8 +218,8 @@ def attention_forward(
     # Not under autocast: an operation with out= is not autocast, so it would run at another precision.
     reuse = (isinstance(active, _probe.Probe) and active.reuse_buffers and not torch.is_grad_enabled()
              and not torch.is_autocast_enabled(query.device.type))
-    shape = (*query.shape[:-1], key.shape[-2])
     if reuse and query.dtype == key.dtype:
+        shape = (*query.shape[:-1], key.shape[-2])
         scores_out, probs_out = active.attention_buffers(shape, query.dtype, query.device)
         scores = torch.matmul(query, key.transpose(2, 3), out=scores_out).mul_(scaling)
     else:

@@ -55,8 +55,8 @@ def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special:
     ``stop_early`` ends the pass once the last layer's attention is reduced (``probe.AttentionComplete``):
     nothing the probe reports depends on the rest (the last layer's output projection and feed-forward
     block, a pooler or task head). It applies to the attention-function backend, whose probabilities
-    arrive during the pass; ``run_batches`` runs its first batch whole, so ``Probe.end`` checks the
-    number of attention calls of a complete pass before any pass is cut short.
+    arrive during the pass; ``forward_resilient`` asks for it once the probe has accepted a pass, so
+    ``Probe.end`` checks the number of attention calls of a complete pass before any pass is cut short.
     """
     model = model if model is not None else loaded.model
     keep = batch["attention_mask"].bool()
@@ -96,10 +96,10 @@ def forward_resilient(loaded, probe: Probe, batch, special, rows, model=None,
     """``forward_batch``, halving the batch (recursively) when it runs out of memory.
 
     Yields ``(batch, rows, per_example_sums)`` for each piece that ran. Says so once via ``on_notice``.
+    Every pass after the probe's first accepted one ends at the last attention (``forward_batch``).
     """
     try:
-        per = forward_batch(loaded, probe, batch, special, model=model,
-                            stop_early=bool(state is not None and state.get("stop_early")))
+        per = forward_batch(loaded, probe, batch, special, model=model, stop_early=probe.passes > 0)
     except torch.OutOfMemoryError:
         probe.abort()
         if len(rows) == 1:
@@ -159,8 +159,7 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
     probe.reuse_buffers = True  # nothing here keeps a layer's probabilities past its layer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
-    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0, "passes": 0,
-              "passes_cut": 0}
+    counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0}
     state: dict = {}
     for chunk in chunks:
         texts, pairs, rows = chunk.texts, chunk.pairs, chunk.rows
@@ -179,8 +178,6 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
                 raise Interrupted(signum)
             for piece, piece_rows, per in forward_resilient(loaded, probe, batch, special, batch_rows, model=model,
                                                             on_notice=on_notice, state=state):
-                state["stop_early"] = True  # a whole pass was accepted: the later ones end at the last attention
-                counts["passes"] += 1
                 counts["sequences"] += len(piece_rows)
                 counts["tokens"] += int(piece["attention_mask"].sum())
                 if per is not None and on_examples is not None:
@@ -190,7 +187,7 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
         if on_progress is not None and enc.short:
             on_progress(enc.short)
     counts["oom_splits"] = state.get("oom_splits", 0)
-    counts["passes_cut"] = probe.passes_cut
+    counts["passes"], counts["passes_cut"] = probe.passes, probe.passes_cut
     if world.distributed:
         probe.load_totals(parallel.all_reduce_sums(probe.totals(), world))
         counts = parallel.all_reduce_counts(counts, world)
