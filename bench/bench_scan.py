@@ -217,10 +217,12 @@ class Runner:
                 probe = (BeforeProbe if mode == "scan_before" else Probe)(self.loaded.num_layers, hops=2)
                 if mode == "scan_compiled":
                     probe.block_fn = self.compiled.block_fn
-                # Like a scan after its first batch: the pass ends at the last attention, the logits and
-                # probabilities go into the probe's buffers (scan_whole: whole passes, fresh tensors).
-                probe.reuse_buffers = mode != "scan_whole"
-                forward_batch(self.loaded, probe, batch, special, stop_early=mode != "scan_whole")
+                # scan, scan_compiled: as a scan after its first batch, the pass ends at the last attention and
+                # the logits and probabilities go into the probe's buffers (scan_whole, scan_before: whole
+                # passes, fresh tensors).
+                as_scan = mode in ("scan", "scan_compiled")
+                probe.reuse_buffers = as_scan
+                forward_batch(self.loaded, probe, batch, special, stop_early=as_scan)
                 return probe
             if mode == "output_attentions":
                 return self.eager(**batch, output_attentions=True)
