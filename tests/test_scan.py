@@ -167,7 +167,7 @@ def test_reused_attention_buffers_give_the_same_sums(tiny_models, kind):
         assert probe.refined_layers == set(range(loaded.num_layers))
 
 
-def test_attention_buffers_are_reused_only_under_a_probe_without_autograd(tiny_bert):
+def test_attention_buffers_are_reused_only_under_a_probe_without_autograd():
     from attnprobe import saobp
 
     probe = probe_mod.Probe(num_layers=1, num_heads=2)
