@@ -18,6 +18,8 @@ each as milliseconds per step and as a share of the baseline step. Profiler over
 This script measures; it changes nothing in the package.
 
     OMP_NUM_THREADS=1 python bench/refine_profile.py --length 128 --batch-size 16 --rounds 6
+
+Fewer than 6 rounds rarely find an undisturbed step of every operator on a shared machine.
 """
 
 from __future__ import annotations
