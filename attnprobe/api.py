@@ -24,7 +24,9 @@ def scan(model: Any = None, texts: Any = None, data: str | None = None, tokenize
         data: a data file (.txt, .csv, .tsv, .jsonl, .parquet), read like ``attnprobe scan --data``.
         tokenizer: a tokenizer path or alias to use instead of the model's own; for an in-memory model a
             tokenizer object, folder or alias.
-        **options: any ScanConfig field (``batch_size``, ``max_length``, ``hops``, ``thresholds``, ...).
+        **options: any ScanConfig field (``batch_size``, ``max_length``, ``hops``, ``thresholds``, ...);
+            ``out`` writes the tables and run.json into that folder as ``attnprobe scan --out`` does
+            (``overwrite=True`` to replace an earlier run there); without it nothing is written.
 
     >>> import attnprobe
     >>> callable(attnprobe.scan)
@@ -35,7 +37,7 @@ def scan(model: Any = None, texts: Any = None, data: str | None = None, tokenize
     if isinstance(model, ScanConfig):
         if texts is not None or data is not None or tokenizer is not None or options:
             raise TypeError("pass either a ScanConfig or keyword options, not both")
-        return scanner.scan(model)
+        return _written(model, lambda out_dir: scanner.scan(model, out_dir=out_dir))
     if isinstance(texts, str):
         texts = [texts]
     fields: dict[str, Any] = dict(options)
@@ -49,7 +51,19 @@ def scan(model: Any = None, texts: Any = None, data: str | None = None, tokenize
         fields["model"] = str(model)
     if tokenizer is not None:
         fields["tokenizer"] = str(tokenizer)
-    return scanner.scan(ScanConfig(**fields))
+    config = ScanConfig(**fields)
+    return _written(config, lambda out_dir: scanner.scan(config, out_dir=out_dir))
+
+
+def _written(config: ScanConfig, run):
+    """``run(out_dir)``: into ``config.out`` (prepared and locked as ``attnprobe scan --out`` does, removed
+    again if the scan fails) where one is given, else in memory (``out_dir`` None)."""
+    if not config.out:
+        return run(None)
+    from attnprobe import outputs
+
+    with outputs.output_folder(config.out, "scan", config.overwrite) as out_dir:
+        return run(out_dir)
 
 
 # ScanConfig fields about loading a model from disk: they have no meaning for a model already in memory
@@ -73,4 +87,4 @@ def _scan_module(model: Any, tokenizer: Any, fields: dict[str, Any]):
     name = f"in-memory {type(model).__name__}"
     config = ScanConfig(model=name, **fields)
     with inmemory.probing(model, tokenizer, name=name) as loaded:
-        return scanner.scan(config, loaded=loaded)
+        return _written(config, lambda out_dir: scanner.scan(config, loaded=loaded, out_dir=out_dir))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -112,23 +111,6 @@ class _StopFlag:
         return False
 
 
-@contextlib.contextmanager
-def _output_folder(out: Path | None, kind: str, overwrite: bool):
-    """Prepare --out; if the command fails, remove the folder again when this command created it."""
-    from attnprobe import outputs
-
-    existed = out is not None and Path(out).exists()
-    path = outputs.prepare_out_dir(out, kind, overwrite=overwrite)  # takes the folder's lock
-    try:
-        yield path
-    except BaseException:
-        outputs.release(path)
-        if not existed and path.exists() and not (path / outputs.RUN_JSON).exists():
-            shutil.rmtree(path, ignore_errors=True)
-        raise
-    outputs.release(path)
-
-
 def _progress(enabled: bool, description: str, total: int | None = None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -205,7 +187,7 @@ def scan(
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
         })
         from attnprobe import data as data_mod
-        from attnprobe import models, parallel
+        from attnprobe import models, outputs, parallel
         from attnprobe import scanner as scan_mod
 
         if cfg.out:  # refuse an occupied folder before the slow model load
@@ -217,7 +199,7 @@ def scan(
                                    dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
                                    trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
         show = not as_json and sys.stderr.isatty() and world.is_main
-        folder = (_output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
+        folder = (outputs.output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
                   else contextlib.nullcontext(None))
         with folder as out_dir, _StopFlag() as stop, _progress(show, "scanning") as progress:
             out_dir = parallel.broadcast_object(str(out_dir) if out_dir else None, world)

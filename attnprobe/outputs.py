@@ -9,10 +9,13 @@ does not compute anything (scan.py, refine.py) or draw anything (report.py).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +232,22 @@ def prepare_out_dir(out: str | Path | None, kind: str, overwrite: bool = False) 
     return path
 
 
+@contextlib.contextmanager
+def output_folder(out: str | Path | None, kind: str, overwrite: bool = False) -> Iterator[Path]:
+    """``prepare_out_dir`` for the length of a command; if it fails, the folder is removed again when this
+    call created it (no half-written output), and its lock is released either way."""
+    existed = out is not None and Path(out).exists()
+    path = prepare_out_dir(out, kind, overwrite=overwrite)  # takes the folder's lock
+    try:
+        yield path
+    except BaseException:
+        release(path)
+        if not existed and path.exists() and not (path / RUN_JSON).exists():
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    release(path)
+
+
 def _clear(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         existing = [name for name in RUN_FILES if (path / name).exists()]
@@ -238,8 +257,6 @@ def _clear(path: Path, overwrite: bool) -> None:
                 "pass --overwrite to replace it or choose another --out"
             )
         if existing:
-            import shutil
-
             (path / RUN_JSON).unlink(missing_ok=True)  # first, so a crash below leaves no 'complete' run
             for name in existing:
                 target = path / name

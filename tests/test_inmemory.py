@@ -210,3 +210,26 @@ def test_scan_of_an_in_memory_model_refuses_bad_input(tiny_bert):
         attnprobe.scan(model, texts=TEXTS, tokenizer="/no/such/folder")
     with pytest.raises(AttnprobeError, match="transformers tokenizer"):
         attnprobe.scan(model, texts=TEXTS, tokenizer=42)
+
+
+def test_library_scan_writes_out_like_the_command(tiny_bert, tmp_path):
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from attnprobe import outputs
+
+    result = attnprobe.scan(str(tiny_bert), texts=TEXTS, out=str(tmp_path / "run"))
+    assert result.out_dir == tmp_path / "run"
+    meta = json.loads((tmp_path / "run" / outputs.RUN_JSON).read_text())
+    assert meta["complete"] and meta["data"] == result.meta["data"]
+    np.testing.assert_array_equal(_numbers(pd.read_parquet(tmp_path / "run" / outputs.HEADS)), _numbers(result.heads))
+    with pytest.raises(AttnprobeError, match="already holds a run"):  # an occupied folder is refused
+        attnprobe.scan(str(tiny_bert), texts=TEXTS, out=str(tmp_path / "run"))
+    again = attnprobe.scan(_model(tiny_bert), texts=TEXTS, tokenizer=AutoTokenizer.from_pretrained(tiny_bert),
+                           out=str(tmp_path / "run"), overwrite=True)
+    assert json.loads((tmp_path / "run" / outputs.RUN_JSON).read_text())["model"]["source"] == "memory"
+    np.testing.assert_allclose(_numbers(again.heads), _numbers(result.heads), rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert not attnprobe.scan(str(tiny_bert), texts=TEXTS).out_dir  # without out nothing is written
+    with pytest.raises(AttnprobeError):  # a failed scan leaves no half-written folder behind
+        attnprobe.scan(str(tiny_bert), data=str(tmp_path / "missing.tsv"), out=str(tmp_path / "failed"))
+    assert not (tmp_path / "failed").exists()
