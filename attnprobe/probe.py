@@ -10,8 +10,8 @@ computes the metrics in blocks of sequences or heads (bounded extra memory, reus
 from __future__ import annotations
 
 import contextlib
-import math
 import contextvars
+import math
 from collections.abc import Iterator
 
 import torch
