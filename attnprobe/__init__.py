@@ -12,26 +12,21 @@ from __future__ import annotations
 import importlib
 import sys
 
-__version__ = "0.1.0"
-
-
-class AttnprobeError(Exception):
-    """A problem with the user's input or environment, reported as a short message (exit code 1)."""
-
+from attnprobe.errors import AttnprobeError
+from attnprobe.version import __version__
 
 # No public name here is also the name of a submodule: once a submodule is imported, Python binds its
 # name on the package, so a lazy alias of the same name would flip between function and module. That is
-# why the scan machinery lives in ``attnprobe.scanner`` and ``attnprobe.scan`` is a function
-# (``attnprobe.api.scan``). refine.refine and report.write_report are imported from their modules.
+# why the scan wing is ``attnprobe.scanning`` and ``attnprobe.scan`` is a function (``attnprobe.api.scan``).
 _LAZY = {
     "scan": "attnprobe.api",
-    "ScanResult": "attnprobe.scanner",
+    "ScanResult": "attnprobe.scanning.scanner",
     "ScanConfig": "attnprobe.config",
     "RefineConfig": "attnprobe.config",
     "Thresholds": "attnprobe.config",
-    "load_model": "attnprobe.models",
-    "write_report": "attnprobe.report",
-    "saobp_probs": "attnprobe.saobp",
+    "load_model": "attnprobe.models.loading",
+    "write_report": "attnprobe.report.writer",
+    "saobp_probs": "attnprobe.formulas.saobp",
 }
 
 __all__ = ["AttnprobeError", "__version__", *_LAZY]
@@ -47,9 +42,9 @@ def _install_registration_hook() -> None:
     """Register attnprobe's attention functions now if transformers is loaded, else right after it is."""
     target = "transformers.modeling_utils"
     if target in sys.modules:
-        importlib.import_module("attnprobe.models").register_attention()
+        importlib.import_module("attnprobe.models.loading").register_attention()
         return
-    from attnprobe._hook import RegisterAfterImport
+    from attnprobe.models.hook import RegisterAfterImport
 
     if not any(isinstance(f, RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, RegisterAfterImport(target))

@@ -1,7 +1,7 @@
 """The notebook-facing entry points: ``attnprobe.scan(model, texts=...)`` over the config-based library.
 
 This module only turns keyword arguments into a ScanConfig (or an already loaded model) and calls
-``attnprobe.scanner.scan``; it computes nothing itself.
+``attnprobe.scanning.scanner.scan``; it computes nothing itself.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def scan(model: Any = None, texts: Any = None, data: str | None = None, tokenize
     >>> callable(attnprobe.scan)
     True
     """
-    from attnprobe import scanner
+    from attnprobe.scanning import scanner
 
     if isinstance(model, ScanConfig):
         if texts is not None or data is not None or tokenizer is not None or options:
@@ -60,7 +60,7 @@ def _written(config: ScanConfig, run):
     again if the scan fails) where one is given, else in memory (``out_dir`` None)."""
     if not config.out:
         return run(None)
-    from attnprobe import outputs
+    from attnprobe.runtime import outputs
 
     with outputs.output_folder(config.out, "scan", config.overwrite) as out_dir:
         return run(out_dir)
@@ -78,7 +78,9 @@ def _in_memory(model: Any) -> bool:
 
 
 def _scan_module(model: Any, tokenizer: Any, fields: dict[str, Any]):
-    from attnprobe import AttnprobeError, inmemory, scanner
+    from attnprobe.errors import AttnprobeError
+    from attnprobe.models import inmemory
+    from attnprobe.scanning import scanner
 
     given = sorted(k for k in _LOADING if k in fields)
     if given:

@@ -1,7 +1,7 @@
 """The ``attnprobe`` command line: parse options, build a config, call the library, print.
 
-No logic lives here beyond that: every command is a thin shell over attnprobe.scanner, attnprobe.refine
-and attnprobe.report. Heavy modules are imported inside the commands so ``--help`` and ``--version``
+No logic lives here beyond that: every command is a thin shell over the scanning, training and report
+wings (docs/architecture.md). Heavy modules are imported inside the commands so ``--help`` and ``--version``
 stay fast.
 """
 
@@ -16,7 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from attnprobe import AttnprobeError, __version__
+from attnprobe.errors import AttnprobeError
+from attnprobe.version import __version__
 
 app = typer.Typer(
     name="attnprobe",
@@ -59,7 +60,7 @@ def _fail(message: str, code: int = 1) -> None:
 @contextlib.contextmanager
 def _errors():
     """Turn AttnprobeError (and unexpected errors, unless --debug) into a short message and exit 1."""
-    from attnprobe.scanner import Interrupted
+    from attnprobe.scanning.passes import Interrupted
 
     try:
         yield
@@ -80,35 +81,6 @@ def _errors():
         if _STATE["debug"]:
             raise
         _fail(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the scan loop checks between batches."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __call__(self) -> int | None:
-        return self.signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 def _progress(enabled: bool, description: str, total: int | None = None):
@@ -186,30 +158,32 @@ def scan(
             "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
         })
-        from attnprobe import data as data_mod
-        from attnprobe import models, outputs, parallel
-        from attnprobe import scanner as scan_mod
+        from attnprobe.data import sources
+        from attnprobe.models import loading
+        from attnprobe.runtime import outputs, parallel
+        from attnprobe.runtime.signals import StopFlag
+        from attnprobe.scanning import scanner
 
         if cfg.out:  # refuse an occupied folder before the slow model load
             _check_free(Path(cfg.out), cfg.overwrite)
-        source = data_mod.open_source(cfg.data, cfg.text, text_column=cfg.text_column,
-                                      text_pair_column=cfg.text_pair_column, encoding=cfg.encoding)
+        source = sources.open_source(cfg.data, cfg.text, text_column=cfg.text_column,
+                                     text_pair_column=cfg.text_pair_column, encoding=cfg.encoding)
         world = parallel.current_world(cfg.device)
-        loaded = models.load_model(cfg.model, num_layers=cfg.num_layers, device=parallel.device_for(world, cfg.device),
+        loaded = loading.load_model(cfg.model, num_layers=cfg.num_layers, device=parallel.device_for(world, cfg.device),
                                    dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
                                    trust_remote_code=cfg.trust_remote_code, tokenizer=cfg.tokenizer)
         show = not as_json and sys.stderr.isatty() and world.is_main
         folder = (outputs.output_folder(Path(cfg.out) if cfg.out else None, "scan", cfg.overwrite) if world.is_main
                   else contextlib.nullcontext(None))
-        with folder as out_dir, _StopFlag() as stop, _progress(show, "scanning") as progress:
+        with folder as out_dir, StopFlag() as stop, _progress(show, "scanning") as progress:
             out_dir = parallel.broadcast_object(str(out_dir) if out_dir else None, world)
             task = progress.add_task("scanning", total=cfg.limit) if progress else None
-            result = scan_mod.scan(
+            result = scanner.scan(
                 cfg, loaded=loaded, out_dir=out_dir, source=source, should_stop=stop, world=world,
                 keep_freed_memory=True, on_progress=(lambda n: progress.advance(task, n)) if progress else None,
                 on_notice=lambda message: typer.echo(f"note: {message}", err=True))
         if world.is_main:
-            from attnprobe import summaries
+            from attnprobe.report import summaries
 
             if as_json:
                 typer.echo(json.dumps(summaries.scan_summary(result, Path(out_dir)), indent=2, default=float))
@@ -218,7 +192,7 @@ def scan(
 
 
 def _check_free(path: Path, overwrite: bool) -> None:
-    from attnprobe import outputs
+    from attnprobe.runtime import outputs
 
     if path.is_dir() and not overwrite:
         existing = [n for n in outputs.RUN_FILES if (path / n).exists()]
@@ -292,7 +266,9 @@ def refine(
             "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
             "diagnose_every": diagnose_every, "report_to": report_to, "patterns": patterns,
         })
-        from attnprobe import outputs, refine as refine_mod, summaries
+        from attnprobe.runtime import outputs
+        from attnprobe.training import refine as refine_mod
+        from attnprobe.report import summaries
 
         try:
             result = refine_mod.refine(cfg, show_progress=not as_json and sys.stderr.isatty())
@@ -317,7 +293,7 @@ def report(
         from attnprobe.config import ReportConfig
 
         ReportConfig(runs=tuple(str(r) for r in runs or ()), out=str(out) if out else None, format=fmt).validate()
-        from attnprobe.report import write_report
+        from attnprobe.report.writer import write_report
 
         result = write_report([str(r) for r in runs or ()], out, fmt)
         console = _console()
@@ -359,13 +335,13 @@ def show(
                   "device": device, "dtype": dtype, "allow_pickle": allow_pickle,
                   "trust_remote_code": trust_remote_code}
         cfg = replace(ShowConfig(), **{k: v for k, v in values.items() if v is not None}).validate()
-        from attnprobe.show import show as show_sentence
+        from attnprobe.report.show import show as show_sentence
 
         result = show_sentence(cfg)
         console = _console()
         for note in result.notes:
             console.print(f"note: {note}", markup=False, soft_wrap=True)
-        from attnprobe.summaries import FLAG_NAMES
+        from attnprobe.report.summaries import FLAG_NAMES
 
         flagged = sum(1 for r in result.heads.itertuples() if any(bool(getattr(r, n)) for n in FLAG_NAMES))
         console.print(f"{len(result.tokens)} tokens; {flagged} of {len(result.heads)} heads flagged on this sentence",
@@ -380,7 +356,7 @@ def show(
 def models_cmd():
     """List the bundled model aliases and where each comes from."""
     with _errors():
-        from attnprobe.models import ALIASES, alias_path
+        from attnprobe.models.checkpoints import ALIASES, alias_path
         from rich.table import Table
 
         table = Table(title="attnprobe model aliases")

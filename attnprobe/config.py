@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from attnprobe import AttnprobeError
+from attnprobe.errors import AttnprobeError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,6 +1,6 @@
 """The attention function with fresh tensors against the probe's reused buffers: time and page faults.
 
-Calls ``saobp.attention_forward`` on random ``(B, H, L, D)`` queries, keys and values with a padding bias, under
+Calls ``attention.attention_forward`` on random ``(B, H, L, D)`` queries, keys and values with a padding bias, under
 a probe whose metrics are switched off (so only the attention function is timed), with
 ``Probe.reuse_buffers`` off (four fresh ``(B, H, L, L)`` tensors per call: product, scaled, masked, softmax) and
 on (the logits and softmax written into the probe's two buffers), alternated, median of ``--repeats``; minor
@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scan import package_state  # noqa: E402
 
-from attnprobe import cpumem, saobp  # noqa: E402
-from attnprobe import probe as probe_mod  # noqa: E402
-from attnprobe.scanner import versions  # noqa: E402
+from attnprobe.runtime import memory  # noqa: E402
+from attnprobe.capture import attention
+from attnprobe.capture import probe as probe_mod  # noqa: E402
+from attnprobe.scanning.scanner import versions  # noqa: E402
 
 
 class Quiet(probe_mod.Probe):
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    kept = cpumem.keep_freed_memory()  # as the scan command runs
+    kept = memory.keep_freed_memory()  # as the scan command runs
     B, H, L, D = args.batch_size, args.heads, args.length, args.head_dim
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
@@ -57,7 +58,7 @@ def main() -> None:
     mask[: B // 2, :, :, L - L // 8:] = torch.finfo(torch.float32).min  # half the batch padded
     module = torch.nn.Module()
     module.eval()
-    header = {"shape": [B, H, L, L], "threads": args.threads, "cpu_allocator": cpumem.label(kept),
+    header = {"shape": [B, H, L, L], "threads": args.threads, "cpu_allocator": memory.label(kept),
               "versions": versions(), "package": package_state(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(json.dumps(header), flush=True)
@@ -71,7 +72,7 @@ def main() -> None:
             with torch.no_grad(), probe_mod.capturing(probes[mode]):
                 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
-                out, _ = saobp.attention_forward(module, q, k, v, mask)
+                out, _ = attention.attention_forward(module, q, k, v, mask)
                 t = time.perf_counter() - t0
                 f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
             if r:

@@ -31,13 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from attnprobe import data
+from attnprobe.data import sources
 
 
 def source_sentences() -> list[str]:
     """The sample corpus's texts and pair texts."""
     out: list[str] = []
-    for chunk in data.sample_source().chunks():
+    for chunk in sources.sample_source().chunks():
         out += chunk.texts
         out += [p for p in (chunk.pairs or []) if p]
     return out
@@ -79,7 +79,7 @@ def run_measured(cmd: list[str]) -> dict:
 def read_child(path: str) -> None:
     """Child: stream every row of ``path`` without a model; print rows, chunks and this process's peak."""
     t0 = time.perf_counter()
-    source = data.open_source(path)
+    source = sources.open_source(path)
     rows = chunks = chars = 0
     for chunk in source.chunks():
         rows += len(chunk.texts)
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         path, lines, seed = args.write_child
         print("WROTE " + json.dumps(write_corpus(Path(path), int(lines), int(seed))))
         return
-    baseline = run_measured([sys.executable, "-c", "import attnprobe.data"])
+    baseline = run_measured([sys.executable, "-c", "import attnprobe.data.sources"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True, check=False).stdout.strip()
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpu_count": os.cpu_count(), "commit": commit,

@@ -1,6 +1,6 @@
 """Cost of ``--patterns``: a scan with ``--patterns 0`` against ``--patterns 4`` (or ``--patterns N``), alternated.
 
-Both settings run ``attnprobe.scanner.scan`` on the same loaded model (default the bundled ``minilm-l6``)
+Both settings run ``attnprobe.scanning.scanner.scan`` on the same loaded model (default the bundled ``minilm-l6``)
 over the built-in sample corpus (what ``make demo`` scans), each writing its run folder (Parquet files and
 run.json) into a fresh temporary folder, as the CLI does. The order of the two settings alternates every
 repeat (0 first, then N first, ...), and each repeat gives one paired ratio (seconds with N over seconds
@@ -34,9 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attnprobe import data, models, outputs  # noqa: E402
+from attnprobe.data import sources  # noqa: E402
+from attnprobe.models import loading  # noqa: E402
+from attnprobe.runtime import outputs  # noqa: E402
 from attnprobe.config import ScanConfig  # noqa: E402
-from attnprobe.scanner import scan  # noqa: E402
+from attnprobe.scanning.scanner import scan  # noqa: E402
 
 
 def timed_scan(loaded, patterns: int, limit: int | None) -> dict:
@@ -59,10 +61,10 @@ def refine_extra(loaded, patterns: int, max_length: int = 128) -> float:
     """Seconds StagePatterns adds to a refine whose eval set is the sample corpus: pick, before, after."""
     from types import SimpleNamespace
 
-    from attnprobe.refinepatterns import StagePatterns
+    from attnprobe.training.stage_patterns import StagePatterns
 
     texts, pairs = [], []
-    for chunk in data.sample_source().chunks():
+    for chunk in sources.sample_source().chunks():
         texts += chunk.texts
         pairs += chunk.pairs or [None] * len(chunk.texts)
     eval_data = SimpleNamespace(texts=texts, pairs=pairs if any(pairs) else None)
@@ -78,7 +80,7 @@ def refine_extra(loaded, patterns: int, max_length: int = 128) -> float:
 def memory_child(model: str, patterns: int, limit: int | None) -> None:
     """(subprocess) Load, scan once with ``patterns``, print the peak resident memory in MiB as JSON."""
     torch.set_num_threads(1)
-    loaded = models.load_model(model, device="cpu")
+    loaded = loading.load_model(model, device="cpu")
     timed_scan(loaded, patterns, limit)
     print(json.dumps({"patterns": patterns, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -109,7 +111,7 @@ def main() -> None:
         memory_child(args.model, args.memory_child, args.limit)
         return
     torch.set_num_threads(args.threads)
-    loaded = models.load_model(args.model, device="cpu")
+    loaded = loading.load_model(args.model, device="cpu")
     timed_scan(loaded, args.patterns, 16)  # warm-up: kernels, tokenizer, the example pass
     settings = (0, args.patterns)
     runs: dict[int, list[dict]] = {p: [] for p in settings}

@@ -5,7 +5,7 @@ Each mode is one fresh process over the same corpus (a TSV of sample-corpus text
 
     eager          a plain script: load the model with ``attn_implementation="eager"``, tokenize the rows
                    (truncated to ``--length``), forward them in batches under ``torch.no_grad()``
-    eager_kept     the same script after ``cpumem.keep_freed_memory()`` (the allocator setting scan uses)
+    eager_kept     the same script after ``memory.keep_freed_memory()`` (the allocator setting scan uses)
     eager_cut      the eager script with each pass ended after the last layer's self-attention module (a
                    forward hook that raises), the model work a scan does since it ends its passes at the last
                    attention: scan against it is the probe's own cost
@@ -54,9 +54,9 @@ def write_corpus(path: Path, rows: int, length: int) -> None:
     """``rows`` texts, each a window of the sample-corpus text of ``length + 40`` tokens, one per TSV row."""
     from bench_scan import token_stream
 
-    from attnprobe import models
+    from attnprobe.models import checkpoints
 
-    tokenizer = models.load_tokenizer(models.resolve_model("minilm-l6")[0])
+    tokenizer = checkpoints.load_tokenizer(checkpoints.resolve_model("minilm-l6")[0])
     stream = token_stream(tokenizer)
     body = length + 40
     stride = max(1, len(stream) // max(1, rows))
@@ -74,15 +74,15 @@ def child_eager(args) -> None:
     import torch
 
     if args.child == "eager_kept":
-        from attnprobe import cpumem
+        from attnprobe.runtime import memory
 
-        cpumem.keep_freed_memory()
+        memory.keep_freed_memory()
     from transformers import AutoModel, AutoTokenizer
 
-    from attnprobe import models
+    from attnprobe.models import checkpoints
 
     torch.set_num_threads(args.threads)
-    path = models.resolve_model("minilm-l6")[0]
+    path = checkpoints.resolve_model("minilm-l6")[0]
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
 
@@ -162,7 +162,7 @@ def main() -> None:
 
     from bench_scan import package_state
 
-    from attnprobe.scanner import versions
+    from attnprobe.scanning.scanner import versions
 
     header = {"threads": args.threads, "length": args.length, "rows": args.rows, "batch_size": args.batch_size,
               "rounds": args.rounds, "versions": versions(), "package": package_state(),

@@ -36,8 +36,10 @@ import torch
 
 import contextlib
 
-from attnprobe import cpumem, models, saobp
-from attnprobe.saobp import GAMMAS, SaobpSettings
+from attnprobe.runtime import memory
+from attnprobe.models import loading
+from attnprobe.formulas import saobp
+from attnprobe.formulas.saobp import GAMMAS, SaobpSettings
 from bench_scan import token_stream  # the same fixed-length token source as the scan benchmark
 
 VARIANTS = ("baseline", "bp-low", "bp-high")
@@ -85,7 +87,7 @@ def load_variant(model: str, variant: str, num_layers: int | None, seed: int):
     torch.manual_seed(seed)  # the same classifier head for every variant
     name = "bp-high" if variant == READABLE else variant
     settings = SaobpSettings(gamma=GAMMAS[name], variant=name)
-    loaded = models.load_model(model, task="sequence-classification", num_labels=2, num_layers=num_layers,
+    loaded = loading.load_model(model, task="sequence-classification", num_labels=2, num_layers=num_layers,
                                saobp=settings, device="cpu")
     net = loaded.model
     net.train()
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [args.length] if args.length else args.lengths
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
     torch.set_num_threads(threads)
-    kept = cpumem.keep_freed_memory()  # as refine does on the CPU (ATTNPROBE_KEEP_FREED_MEMORY=0: off)
+    kept = memory.keep_freed_memory()  # as refine does on the CPU (ATTNPROBE_KEEP_FREED_MEMORY=0: off)
 
     variants = ("baseline", *(v for v in args.variants if v != "baseline"))
     if args.readable:

@@ -7,7 +7,7 @@ modes, alternated run by run (order rotating every repeat):
     two-pass   the same refine with those passes not probed, so each evaluation is followed by a separate
                scan of the eval set (``scanner.run_batches``), as refine did before
 
-The two-pass mode is set in the child by replacing ``attnprobe.evalprobe.supported`` with a function that
+The two-pass mode is set in the child by replacing ``attnprobe.capture.evalprobe.supported`` with a function that
 says no; nothing else differs. Reported: wall seconds of each run (the child process), the median per mode,
 the one-pass / two-pass ratio of the medians and the median of the per-repeat ratios with their range,
 and whether the diagnostics of the two modes agree (max abs difference). This script measures; it changes
@@ -37,7 +37,7 @@ CHILD = """
 import sys
 mode = sys.argv.pop(1)
 if mode == "two-pass":
-    from attnprobe import evalprobe
+    from attnprobe.capture import evalprobe
     evalprobe.supported = lambda loaded, args: False
 from attnprobe.cli import main
 sys.argv = ["attnprobe", *sys.argv[1:]]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from attnprobe.saobp import GAMMAS, saobp_probs, saobp_probs_readable
+from attnprobe.formulas.saobp import GAMMAS, saobp_probs, saobp_probs_readable
 
 MODES = ("plain", "readable", "fused")
 

@@ -4,12 +4,12 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 ``torch.no_grad()``:
 
     eager              plain eager forward of an ``attn_implementation="eager"`` copy of the weights
-    scan               ``attnprobe.scanner.forward_batch``: the forward with the streaming metrics as a scan runs
+    scan               ``attnprobe.scanning.passes.forward_batch``: the forward with the streaming metrics as a scan runs
                        every pass after its first: ended at the last layer's attention (``stop_early``), logits
                        and probabilities in the probe's buffers (``Probe.reuse_buffers``); a fresh probe (and so
                        fresh buffers) per batch here
     scan_whole         the same with whole passes and fresh tensors (how ``scan`` was measured before 2026-12-03)
-    scan_compiled      the same with ``scan --compile on``'s compiled per-block metrics (attnprobe/fused.py),
+    scan_compiled      the same with ``scan --compile on``'s compiled per-block metrics (attnprobe/compiled.py),
                        compiled and checked once per length before the timing
     scan_before        the same forward with the probe of before the 2026-12-02 probe rewrite (``BeforeProbe``: the pure metric
                        functions on 1 MiB blocks, xlogy entropies, no logits), for before/after in one run
@@ -20,7 +20,7 @@ Every mode runs the same fixed-length batches (sample-corpus text, exactly L tok
 Timing interleaves the modes (their order rotates every repeat) and reports the median seconds per batch;
 the ratios come from those medians, all measured in one run. Peak memory runs each mode once in a fresh
 subprocess of this script (``--memory-mode``), before the parent loads any model. ``--sst2`` also times a
-real ``attnprobe.scanner.scan`` over a GLUE file. This script measures; it changes nothing in the package.
+real ``attnprobe.scanning.scanner.scan`` over a GLUE file. This script measures; it changes nothing in the package.
 
     python bench/bench_scan.py --lengths 128 --batches 3 --repeats 3
 
@@ -45,11 +45,14 @@ from pathlib import Path
 
 import torch
 
-from attnprobe import data, metrics, models
+from attnprobe.data import sources
+from attnprobe.formulas import metrics
+from attnprobe.models import checkpoints, loading
 from attnprobe.config import ScanConfig
-from attnprobe.probe import Probe, means
-from attnprobe.batching import effective_max_length, encode_chunk, make_batches  # noqa: E402
-from attnprobe.scanner import CHUNK_ROWS, forward_batch, scan, versions
+from attnprobe.capture.probe import Probe, means
+from attnprobe.data.batching import effective_max_length, encode_chunk, make_batches  # noqa: E402
+from attnprobe.scanning.passes import forward_batch  # noqa: E402
+from attnprobe.scanning.scanner import CHUNK_ROWS, scan, versions
 
 MODES = ("eager", "scan", "scan_whole", "scan_compiled", "scan_before", "naive", "output_attentions")
 PROBED = {"scan", "scan_whole", "scan_compiled", "scan_before"}
@@ -82,7 +85,7 @@ def package_state() -> dict:
 def token_stream(tokenizer) -> list[int]:
     """Every sample-corpus text (and pair text) tokenized without special tokens, concatenated."""
     ids: list[int] = []
-    for chunk in data.sample_source().chunks():
+    for chunk in sources.sample_source().chunks():
         pairs = chunk.pairs or [None] * len(chunk.texts)
         for text, pair in zip(chunk.texts, pairs):
             for part in (text, pair):
@@ -114,7 +117,7 @@ def fixed_batches(tokenizer, length: int, batch_size: int, count: int) -> list[d
 
 def special_of(batch: dict[str, torch.Tensor], tokenizer) -> torch.Tensor:
     """``(B, Q)`` bool: the tokenizer's special tokens."""
-    ids = torch.tensor(models.special_token_ids(tokenizer), dtype=torch.long)
+    ids = torch.tensor(loading.special_token_ids(tokenizer), dtype=torch.long)
     return torch.isin(batch["input_ids"], ids) & batch["attention_mask"].bool()
 
 
@@ -199,12 +202,12 @@ class Runner:
 
     def __init__(self, loaded, eager, tokenizer, device: torch.device):
         self.loaded, self.eager, self.tokenizer, self.device = loaded, eager, tokenizer, device
-        self.compiled = None  # fused.MetricsPath of scan_compiled, prepared on first use per length
+        self.compiled = None  # compiled.MetricsPath of scan_compiled, prepared on first use per length
 
     def prepare_compiled(self, length: int) -> dict:
-        from attnprobe import fused
+        from attnprobe.formulas import compiled
 
-        self.compiled = fused.prepare("on", self.device, torch.float32, self.loaded.num_heads, length)
+        self.compiled = compiled.prepare("on", self.device, torch.float32, self.loaded.num_heads, length)
         if self.compiled.name != "compiled":
             raise SystemExit(f"scan_compiled: the compiled metrics are not used here: {self.compiled.info['reason']}")
         return self.compiled.info
@@ -241,19 +244,19 @@ def load_runner(model: str, device: str, need: set[str], dtype: str = "float32")
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    path, _, _ = models.resolve_model(model)
+    path, _, _ = checkpoints.resolve_model(model)
     loaded = eager = None
     if need & PROBED:
-        loaded = models.load_model(model, device=device, dtype=dtype)
+        loaded = loading.load_model(model, device=device, dtype=dtype)
         if loaded.backend != "attnprobe":
             raise SystemExit(f"{model} runs backend {loaded.backend!r}, not the streamed 'attnprobe' one")
-    torch_device = models.pick_device(device)
+    torch_device = loading.pick_device(device)
     if need - PROBED:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         eager = AutoModel.from_pretrained(path, attn_implementation="eager", local_files_only=True)
         eager.to(torch_device, dtype=getattr(torch, dtype)).eval()
-    tokenizer = loaded.tokenizer if loaded is not None else models.load_tokenizer(path)
+    tokenizer = loaded.tokenizer if loaded is not None else checkpoints.load_tokenizer(path)
     return Runner(loaded, eager, tokenizer, torch_device)
 
 
@@ -489,10 +492,10 @@ def sst2_bench(runner: Runner, args) -> dict:
     # The same batches scan() made (same chunks, tokenization, sorting, dynamic padding), forward only.
     loaded = runner.loaded
     tok = loaded.tokenizer
-    source = data.open_source(args.sst2)
+    source = sources.open_source(args.sst2)
     max_length = effective_max_length(loaded, None)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    special_ids = models.special_token_ids(tok)
+    special_ids = loading.special_token_ids(tok)
     prep = eager_s = scan_s = 0.0
     batches = 0
     probe = Probe(loaded.num_layers, hops=2)
@@ -567,11 +570,11 @@ def main(argv=None) -> None:
     if args.memory_mode:
         memory_child(args)
         return
-    config = models.load_config(models.resolve_model(args.model)[0])
+    config = loading.load_config(checkpoints.resolve_model(args.model)[0])
     args.heads = config.num_attention_heads
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "versions": versions(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-           "device": str(models.pick_device(args.device)), "machine": platform.machine(),
+           "device": str(loading.pick_device(args.device)), "machine": platform.machine(),
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "package": package_state()}
     print(f"torch threads: {env['torch_threads']} (interop {env['torch_interop_threads']}), cpus: {env['cpu_count']}, "
           f"device: {env['device']}, versions: {env['versions']}, package at {env['package']['commit']}"

@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scan import fixed_batches, package_state, special_of  # noqa: E402
 
-from attnprobe import models  # noqa: E402
-from attnprobe import probe as probe_mod  # noqa: E402
-from attnprobe.scanner import forward_batch, versions  # noqa: E402
+from attnprobe.models import loading  # noqa: E402
+from attnprobe.capture import probe as probe_mod  # noqa: E402
+from attnprobe.formulas import blocks  # noqa: E402
+from attnprobe.scanning.passes import forward_batch  # noqa: E402
+from attnprobe.scanning.scanner import versions  # noqa: E402
 
 LIMITS = (1 << 18, 1 << 20, 1 << 22, 1 << 24)
 
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
-    loaded = models.load_model("minilm-l6")
+    loaded = loading.load_model("minilm-l6")
     batch = fixed_batches(loaded.tokenizer, args.length, args.batch_size, 1)[0]
     special = special_of(batch, loaded.tokenizer)
     keeper = Keeper(args.layer, loaded.num_layers, num_heads=loaded.num_heads)
@@ -66,10 +68,10 @@ def main() -> None:
               "shape": list(probs.shape), "versions": versions(), "package": package_state(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     print(json.dumps(header), flush=True)
-    default = probe_mod.CHUNK_ELEMENTS
+    default = blocks.CHUNK_ELEMENTS
 
     def observe_s(limit: int) -> float:
-        probe_mod.CHUNK_ELEMENTS = limit
+        blocks.CHUNK_ELEMENTS = limit
         probe = probe_mod.Probe(loaded.num_layers, num_heads=loaded.num_heads)
         probe.begin(keep, special)
         t0 = time.perf_counter()
@@ -88,7 +90,7 @@ def main() -> None:
             for limit in LIMITS:
                 times.setdefault(f"probe threads={threads} block={limit * 4 >> 20} MiB", []).append(observe_s(limit))
             times.setdefault(f"A @ A threads={threads}", []).append(matmul_s())
-    probe_mod.CHUNK_ELEMENTS = default
+    blocks.CHUNK_ELEMENTS = default
     summary = {k: {"median_ms": 1000 * statistics.median(v), "min_ms": 1000 * min(v)} for k, v in times.items()}
     for k, v in summary.items():
         print(f"  {k:34s} median {v['median_ms']:6.1f} ms, fastest {v['min_ms']:6.1f} ms")

@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scan import BeforeProbe, fixed_batches, load_runner, package_state, special_of  # noqa: E402
 
-from attnprobe import metrics  # noqa: E402
-from attnprobe import probe as probe_mod  # noqa: E402
-from attnprobe.scanner import forward_batch, versions  # noqa: E402
+from attnprobe.formulas import blocks, metrics  # noqa: E402
+from attnprobe.capture import probe as probe_mod  # noqa: E402
+from attnprobe.scanning.passes import forward_batch  # noqa: E402
+from attnprobe.scanning.scanner import versions  # noqa: E402
 
 
 class TimedProbe(probe_mod.Probe):
@@ -120,7 +121,7 @@ def chunking(runner, batch, special, repeats: int) -> dict:
     probs = cap.probs  # (B, H, Q, K)
     H = probs.shape[1]
     keep = batch["attention_mask"].bool()
-    step = max(1, min(H, probe_mod.CHUNK_ELEMENTS // max(1, B * Q * Q)))
+    step = max(1, min(H, blocks.CHUNK_ELEMENTS // max(1, B * Q * Q)))
 
     def run(rows: int):
         for b0 in range(0, B, rows):
@@ -208,7 +209,7 @@ def micro(runner, batch, special, repeats: int) -> dict:
     cap = Capture(layer=runner.loaded.num_layers - 1)
     with torch.no_grad(), probe_mod.capturing(cap):
         runner.loaded.model(**batch)
-    step = max(1, min(H, probe_mod.CHUNK_ELEMENTS // max(1, B * Q * Q)))  # as Probe.observe chunks heads
+    step = max(1, min(H, blocks.CHUNK_ELEMENTS // max(1, B * Q * Q)))  # as Probe.observe chunks heads
     chunks_per_batch = -(-H // step) * runner.loaded.num_layers
     p = cap.probs[:, :step].contiguous()  # (B, step, Q, K)
     keep = batch["attention_mask"].bool()
@@ -270,25 +271,25 @@ def layer_pieces(probs, scores, keep, special, repeats: int) -> dict:
         "total": lambda: metrics.query_sums(metrics.query_metrics(p, kb, sb, 2), kb),
     }
     # now: the probe's blocking and block_sums' pieces on the same scratch buffers
-    b0, b1, h0, h1 = probe_mod.blocks(B, H, Q * K)[0]
-    new_blocks = len(probe_mod.blocks(B, H, Q * K))
+    b0, b1, h0, h1 = blocks.blocks(B, H, Q * K)[0]
+    new_blocks = len(blocks.blocks(B, H, Q * K))
     q, s, kq, sq = probs[b0:b1, h0:h1], scores[b0:b1, h0:h1], keep[b0:b1], special[b0:b1]
-    scratch = metrics.Scratch()
+    scratch = blocks.Scratch()
     m, w = scratch.get("multi", q), scratch.get("work", q)
     torch.matmul(q, q, out=m)
     m_copy = m.clone()
     sf = sq[:, None, None, :].to(q.dtype)
     now = {
         "A @ A": lambda: torch.matmul(q, q, out=m),
-        "direct entropy": lambda: metrics.entropy_from_scores(q, s, w),
-        "direct entropy, no logits (log path)": lambda: metrics.entropy_into(q, w),
-        "indirect entropy": lambda: metrics.entropy_into(m_copy, w),
+        "direct entropy": lambda: blocks.entropy_from_scores(q, s, w),
+        "direct entropy, no logits (log path)": lambda: blocks.entropy_into(q, w),
+        "indirect entropy": lambda: blocks.entropy_into(m_copy, w),
         "gtd": (lambda: m.sub_(q).abs_().sum(-1).mul_(0.5), lambda: m.copy_(m_copy)),
         "special mass": lambda: torch.mul(q, sf, out=w).sum(-1),
         "self/local/first/sink mass": lambda: (metrics.self_mass(q), metrics.local_mass(q), metrics.first_mass(q),
                                                metrics.sink_mass(q, kq[:, None, :])),
-        "total": lambda: metrics.block_sums(q, kq, sq, 2, scores=s, scratch=scratch),
-        "total, no logits": lambda: metrics.block_sums(q, kq, sq, 2, scratch=scratch),
+        "total": lambda: blocks.block_sums(q, kq, sq, 2, scores=s, scratch=scratch),
+        "total, no logits": lambda: blocks.block_sums(q, kq, sq, 2, scratch=scratch),
     }
     out = {"before_block": list(p.shape), "before_blocks_per_layer": old_blocks,
            "now_block": list(q.shape), "now_blocks_per_layer": new_blocks, "pieces": {}}

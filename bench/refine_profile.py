@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from attnprobe import cpumem
+from attnprobe.runtime import memory
 from bench_refine import fixed_batches, load_variant, train_step
 from bench_scan import package_state
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
     torch.set_num_threads(threads)
-    kept = cpumem.keep_freed_memory()
+    kept = memory.keep_freed_memory()
 
     nets, tokenizer = {}, None
     for v in ("baseline", "bp-high"):

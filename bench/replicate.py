@@ -1,6 +1,6 @@
 """Replication grid: do SAOBP variants help small models on SST-2 and RTE, and do they keep deep layers diverse?
 
-One ``attnprobe.refine.refine(RefineConfig(...))`` per configuration (task x layers x variant x seed) on the
+One ``attnprobe.training.refine.refine(RefineConfig(...))`` per configuration (task x layers x variant x seed) on the
 bundled MiniLM (``minilm-l6``, truncated with ``num_layers``), trained on GLUE train files and evaluated
 on the official dev sets. Each finished run appends one JSON line to ``--results`` (accuracy, F1, MCC,
 per-layer diagnostics before training and after the last epoch, wall time), so partial progress survives
@@ -71,7 +71,7 @@ def layer_profile(diagnostics, epoch: float) -> dict[str, list]:
 
 def run_one(task: str, layers: int, variant: str, seed: int, args) -> dict:
     from attnprobe.config import RefineConfig
-    from attnprobe.refine import refine
+    from attnprobe.training.refine import refine
 
     train, dev, default_len = TASKS[task]
     max_length = args.sst2_max_length if task == "sst2" else args.rte_max_length

@@ -24,7 +24,7 @@ from tests.tiny_encoders import OVERRIDES, SENTENCES, largest_difference, make_e
 
 def survey_one(kind: str, root: Path) -> dict:
     import attnprobe
-    from attnprobe import AttnprobeError
+    from attnprobe.errors import AttnprobeError
 
     row = {"kind": kind}
     try:
@@ -81,8 +81,8 @@ def markdown(rows: list[dict], version: str) -> str:
         "is `original_full`). Nystromformer has `num_landmarks` = `segment_means_seq_len`, its exact-softmax",
         "setting; with fewer landmarks than tokens transformers fails unless the length divides evenly. Mra",
         "fails in float64 (its kernels mix dtypes); in float32 it returns no attention and is refused for that",
-        "(tests/test_encoders.py). LayoutLM, MarkupLM, Splinter and ModernBERT agree to a few 1e-8 rather than",
-        "1e-16; the cause was not traced. tests/test_encoders.py runs 30 of the scanned architectures and 8 of",
+        "(tests/models/test_capability.py). LayoutLM, MarkupLM, Splinter and ModernBERT agree to a few 1e-8 rather than",
+        "1e-16; the cause was not traced. tests/models/test_capability.py runs 30 of the scanned architectures and 8 of",
         "the refused ones in CI, with the same reference.",
         "",
         "| model type | result | backend | padding | heads (config) | max abs diff | note |",

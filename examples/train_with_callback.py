@@ -16,7 +16,7 @@ import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments)
 
-from attnprobe.hf import AttentionDiagnosticsCallback  # attnprobe, line 1 of 2
+from attnprobe.training.callback import AttentionDiagnosticsCallback  # attnprobe, line 1 of 2
 
 TRAIN = [("a good film with good acting", 1), ("a bad plot and bad jokes", 0), ("good fun, good music", 1),
          ("bad sound, bad light", 0), ("the cast was good", 1), ("the ending was bad", 0),
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=16)
     opts = parser.parse_args()
     if opts.model is None:
-        from attnprobe.models import ALIASES, alias_path
+        from attnprobe.models.checkpoints import ALIASES, alias_path
 
         opts.model = str(alias_path(ALIASES["minilm-l6"]))
 

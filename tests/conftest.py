@@ -18,7 +18,7 @@ TINY_KINDS = ("bert", "roberta", "distilbert", "albert")
 
 
 def bundled_path() -> Path:
-    from attnprobe.models import ALIASES, alias_path
+    from attnprobe.models.checkpoints import ALIASES, alias_path
 
     return alias_path(ALIASES["minilm-l6"])
 

@@ -59,9 +59,9 @@ def test_scan_writes_every_file(tiny_bert, in_tmp):
     assert meta["model"]["layers"] == 2 and meta["backend"] == "attnprobe"
     for key in ("versions", "wall_time_s", "seed", "thresholds", "options", "device", "dtype"):
         assert key in meta
-    from attnprobe import cpumem  # the scan command asks for cpumem's setting on the CPU
+    from attnprobe.runtime import memory  # the scan command asks for the memory setting on the CPU
 
-    assert meta["cpu_allocator"] == ("keeps freed memory" if cpumem.keep_freed_memory() else "default")
+    assert meta["cpu_allocator"] == ("keeps freed memory" if memory.keep_freed_memory() else "default")
     assert "layer" in result.stdout and "wrote" in result.stdout
     assert not list(out.glob(".*tmp*"))
 

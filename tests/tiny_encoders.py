@@ -50,7 +50,7 @@ OVERRIDES: dict[str, dict] = {
     "canine": {"downsampling_rate": 2, "num_hash_buckets": 64},
 }
 
-# The kinds tested in CI (tests/test_encoders.py): quick to build and run.
+# The kinds tested in CI (tests/models/test_capability.py): quick to build and run.
 CI_KINDS = (
     "bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "camembert", "deberta",
     "deberta-v2", "mpnet", "ernie", "roformer", "megatron-bert", "rembert", "mobilebert", "convbert",
@@ -65,7 +65,7 @@ def model_type(kind: str) -> str:
 
 
 def tokenizer_path() -> Path:
-    from attnprobe.models import ALIASES, alias_path
+    from attnprobe.models.checkpoints import ALIASES, alias_path
 
     return alias_path(ALIASES["minilm-l6"])
 
