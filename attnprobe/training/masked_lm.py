@@ -277,3 +277,25 @@ def fresh_checkpoint(spec: str, size: str, tokenizer_spec: str | None, folder: P
     return {"size": size, "layers": layers, "hidden": hidden, "heads": hidden // 64, "intermediate": 4 * hidden,
             "vocab_size": len(tokenizer), "parameters": parameter_count(model), "family": spec,
             "model_type": config.model_type, "tokenizer": tokenizer_spec or spec}
+
+
+# ---- the task --------------------------------------------------------------------------------------
+
+
+def _build(tokenizer, train_data: sources.LabeledData, eval_data: sources.LabeledData, max_length: int, cfg):
+    from attnprobe.training.tasks import Built
+
+    check_mask_token(tokenizer, cfg.model)
+    train_set, eval_set = block_sets(tokenizer, train_data, eval_data, max_length, cfg.seed)
+    return Built(train_set, eval_set, MaskedLMCollator(tokenizer, cfg.seed), PerplexityFn(), token_nll)
+
+
+def _task():
+    from attnprobe.training.tasks import Task
+
+    # evaluation batches carry [MASK]ed text: the diagnostics come from a scan of the unmasked documents
+    return Task(name="masked-lm", scores=("perplexity",), prepare_data=prepare_documents, build=_build,
+                scan_texts=lambda d: (d.texts, None), probe_in_eval=False)
+
+
+TASK = _task()

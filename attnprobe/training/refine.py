@@ -1,11 +1,13 @@
-"""refine(config) -> RefineResult: fine-tune a classifier with a SAOBP variant, with diagnostics per epoch.
+"""refine(config) -> RefineResult: fine-tune a model with a SAOBP variant, with diagnostics per epoch.
 
-Reads labelled data, loads the model with the variant's attention (loading.py), trains with transformers'
-Trainer (trainer.py holds that glue), takes the diagnostics of the eval set before training and after
-every epoch from the Trainer's own evaluation forward passes (evalprobe.py; a separate scanner.run_batches
-scan where the evaluation cannot carry the probe), keeps a few eval examples' full attention before and
-after training (stage_patterns.py), and writes ``model/``, ``history.parquet``, ``diagnostics.parquet``,
-``patterns.parquet`` and, last, ``run.json`` into the run folder. Under ``torchrun`` or ``accelerate
+Reads the task's data (tasks.py: classification.py, masked_lm.py, question_answering.py, multiple_choice.py),
+loads the model with the variant's attention (loading.py), trains with transformers' Trainer (trainer.py
+holds that glue), takes the diagnostics of the eval set before training and after every epoch from the
+Trainer's own evaluation forward passes (evalprobe.py; a separate scanner.run_batches scan where the
+evaluation cannot carry the probe), keeps a few eval examples' full attention before and after training
+(stage_patterns.py), and writes ``model/``, ``history.parquet``, ``diagnostics.parquet``,
+``patterns.parquet``, ``predictions.jsonl`` (question answering, multiple choice) and, last, ``run.json``
+into the run folder. Under ``torchrun`` or ``accelerate
 launch`` each process probes its share of the eval set (sums combined over processes) and only the main
 process writes files. This module prints nothing; summaries.py turns a RefineResult into the
 closing table.
@@ -13,9 +15,9 @@ closing table.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -28,12 +30,11 @@ from attnprobe.runtime import memory
 from attnprobe.data import sources
 from attnprobe.training import masked_lm
 from attnprobe.runtime import outputs
-from attnprobe.training import stage_patterns
+from attnprobe.training import stage_patterns, tasks
 from attnprobe.config import RefineConfig, to_dict
 from attnprobe.training.run_folder import CHECKPOINTS, MODEL_DIR, check_folder, check_resume, out_dir, prepare_folder
 
-# history.parquet's score columns per task (after epoch, step, train_loss, eval_loss)
-SCORES = {"sequence-classification": ("accuracy", "f1", "mcc"), "masked-lm": ("perplexity",)}
+PREDICTIONS = "predictions.jsonl"  # one {"id", "prediction"} per eval example (question answering, multiple choice)
 
 
 @dataclass
@@ -42,11 +43,13 @@ class RefineResult:
 
     Attributes:
         out_dir: the run folder.
-        history: one row per evaluation (epoch, step, train_loss, eval_loss, accuracy, f1, mcc).
+        history: one row per evaluation (epoch, step, train_loss, eval_loss and the task's scores).
         diagnostics: the scan columns per (epoch, layer, head), with ``epoch`` and ``variant``.
         meta: the content of run.json.
-        eval_logits: ``(N, C)`` logits of the final model on ``eval_data``, in its order.
+        eval_logits: ``(N, C)`` logits of the final model on ``eval_data``, in its order (classification;
+            the task's model outputs of the last evaluation otherwise).
         eval_data: the evaluation examples used.
+        predictions: the ``{"id", "prediction"}`` rows of predictions.jsonl (None for tasks without it).
         model, tokenizer: the trained model and its tokenizer.
         is_main: False on the other processes of a multi-process run, which wrote and print nothing.
     """
@@ -56,60 +59,16 @@ class RefineResult:
     diagnostics: Any  # pandas.DataFrame
     meta: dict[str, Any]
     eval_logits: Any  # numpy.ndarray
-    eval_data: sources.LabeledData
+    eval_data: Any  # sources.LabeledData, or the task's own eval examples
     model: Any = None
     tokenizer: Any = None
     is_main: bool = True
+    predictions: list[dict[str, Any]] | None = None
 
 
-# ---- data ----------------------------------------------------------------------------------------
-
-
-def _subset(d: sources.LabeledData, index: list[int], stats: dict) -> sources.LabeledData:
-    index = sorted(index)
-    ids = [d.label_ids[i] for i in index]
-    stats = {**stats, "rows_used": len(index),
-             "label_counts_used": {n: ids.count(k) for k, n in enumerate(d.label_names)}}
-    return sources.LabeledData([d.texts[i] for i in index], None if d.pairs is None else [d.pairs[i] for i in index],
-                            ids, list(d.label_names), stats)
-
-
-def _sample(n: int, most: int | None, rng: random.Random) -> list[int]:
-    if most is None or most >= n:
-        return list(range(n))
-    if most < 1:
-        raise AttnprobeError(f"--max-train-samples/--max-eval-samples must be 1 or more (got {most})")
-    return rng.sample(range(n), most)
-
-
-def prepare_data(cfg: RefineConfig) -> tuple[sources.LabeledData, sources.LabeledData]:
-    """Train and eval examples: the files as read, a seeded eval split without ``--eval``, seeded samples."""
-    columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
-                   label_column=cfg.label_column, encoding=cfg.encoding)
-    train = sources.read_labeled(cfg.train, **columns)
-    rng = random.Random(cfg.seed)
-    if cfg.eval is not None:
-        evaluation = sources.read_labeled(cfg.eval, label_names=train.label_names, min_classes=1, **columns)
-        train_index = list(range(len(train.texts)))
-        eval_all = evaluation
-        eval_index = list(range(len(evaluation.texts)))
-        eval_stats = {**evaluation.stats, "source": "file"}
-    else:
-        n = len(train.texts)
-        n_eval = max(1, round(cfg.eval_split * n))
-        if n - n_eval < 1:
-            raise AttnprobeError(f"{cfg.train} has {n} labelled rows, too few to hold out an eval split; "
-                                 "pass more rows or a separate --eval FILE")
-        order = list(range(n))
-        rng.shuffle(order)
-        eval_index, train_index = order[:n_eval], order[n_eval:]
-        eval_all = train
-        eval_stats = {"source": f"seeded {cfg.eval_split:g} split of the training file",
-                      "path": train.stats.get("path"), "rows_read": n_eval}
-    train_index = [train_index[i] for i in _sample(len(train_index), cfg.max_train_samples, rng)]
-    eval_index = [eval_index[i] for i in _sample(len(eval_index), cfg.max_eval_samples, rng)]
-    train_stats = {**train.stats, "source": "file"}
-    return _subset(train, train_index, train_stats), _subset(eval_all, eval_index, eval_stats)
+def prepare_data(cfg: RefineConfig):
+    """Train and eval examples of ``cfg.task`` (tasks.py), e.g. LabeledData for classification."""
+    return tasks.get(cfg.task).prepare_data(cfg)
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -169,14 +128,15 @@ def _resolve_device(cfg: RefineConfig) -> bool:
 
 
 def _diagnose(loaded, eval_data: sources.LabeledData, cfg: RefineConfig, max_length: int, variant: str,
-              captured=None):
+              captured=None, scan_model=lambda model: model):
     """A function ``(model, epoch, step) -> rows``: the scan's head table of the model on the eval set.
 
     Called at an evaluation, it takes the sums that ``captured`` (an evalprobe.EvalProbe) gathered in the
     Trainer's own evaluation forward passes, so the eval set is read once. Elsewhere (or without
     ``captured``) it scans the eval set: under several processes every process calls it and scans its share
     of the rows; the sums are all-reduced (as in a distributed scan), so every process gets the table of
-    the whole eval set.
+    the whole eval set. ``eval_data`` has ``texts`` and ``pairs`` (tasks.Task.scan_texts); ``scan_model``
+    picks the module the scan runs (tasks.scan_model).
     """
     from attnprobe.runtime import parallel
     from attnprobe.scanning import passes, scanner, tables
@@ -203,7 +163,7 @@ def _diagnose(loaded, eval_data: sources.LabeledData, cfg: RefineConfig, max_len
                   for i in range(0, len(rows), size)]
         try:
             probe, _ = passes.run_batches(loaded, chunks, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                        max_length=max_length, hops=cfg.hops, model=model,
+                                        max_length=max_length, hops=cfg.hops, model=scan_model(model),
                                         world=parallel.current_world(cfg.device))
         finally:
             model.train(was_training)
@@ -217,7 +177,7 @@ def _frames(history_rows: list[dict], diag_rows: list[dict], task: str = "sequen
 
     from attnprobe.scanning import tables
 
-    scores = SCORES[task]
+    scores = tasks.get(task).scores
     history = pd.DataFrame.from_records(history_rows, columns=["epoch", "step", "train_loss", "eval_loss", *scores])
     history = history.astype({"epoch": "float64", "step": "int64", "train_loss": "float64", "eval_loss": "float64",
                               **{name: "float64" for name in scores}})
@@ -232,14 +192,14 @@ def _frames(history_rows: list[dict], diag_rows: list[dict], task: str = "sequen
 
 def _final(history, task: str = "sequence-classification") -> dict[str, float | None]:
     last = history.iloc[-1]
-    return {k: (None if math.isnan(float(last[k])) else float(last[k])) for k in (*SCORES[task], "eval_loss")}
+    return {k: (None if math.isnan(float(last[k])) else float(last[k])) for k in (*tasks.get(task).scores, "eval_loss")}
 
 
 # ---- the command ---------------------------------------------------------------------------------
 
 
 def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | None = None) -> RefineResult:
-    """Fine-tune ``cfg.model`` for sequence classification with ``cfg.variant`` and write the run folder.
+    """Fine-tune ``cfg.model`` for ``cfg.task`` with ``cfg.variant`` and write the run folder.
 
     Args:
         cfg: the options (``cfg.train`` is required).
@@ -251,7 +211,6 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     """
     import transformers
     from accelerate import PartialState
-    from transformers import DataCollatorWithPadding
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from attnprobe.data import batching
@@ -259,17 +218,17 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     from attnprobe.training.probing_trainer import ProbingTrainer
     from attnprobe.training import lineage
     from attnprobe.scanning import scanner
-    from attnprobe.training import scores, trainer
+    from attnprobe.training import trainer
 
     cfg, variant_source = lineage.resolve_variant(cfg.validate())
-    is_mlm = cfg.task == "masked-lm"
+    task = tasks.get(cfg.task)
     started = time.time()
     use_cpu = _resolve_device(cfg)
     kept_freed_memory = use_cpu and memory.keep_freed_memory()  # fewer page faults per step (memory.py)
     out = out_dir(cfg)
     resume_from = check_folder(cfg, out)
     trainer.report_to(cfg.report_to)  # a missing tracker package fails before any slow work
-    train_data, eval_data = (masked_lm.prepare_documents if is_mlm else prepare_data)(cfg)
+    train_data, eval_data = task.prepare_data(cfg)
     names = train_data.label_names
     with tempfile.TemporaryDirectory(prefix="attnprobe-init-") as fresh:
         init = None if cfg.init is None else masked_lm.fresh_checkpoint(
@@ -283,14 +242,10 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     refined = settings is not None
     max_length = batching.effective_max_length(loaded, cfg.max_length)
     tokenizer = loaded.tokenizer
-    if is_mlm:
-        masked_lm.check_mask_token(tokenizer, cfg.model)
-        train_set, eval_set = masked_lm.block_sets(tokenizer, train_data, eval_data, max_length, cfg.seed)
-        collator, metrics_fn = masked_lm.MaskedLMCollator(tokenizer, cfg.seed), masked_lm.PerplexityFn()
-    else:
-        train_set, eval_set = (trainer.encode_examples(tokenizer, d.texts, d.pairs, d.label_ids, max_length)
-                               for d in (train_data, eval_data))
-        collator, metrics_fn = DataCollatorWithPadding(tokenizer), scores.MetricsFn(len(names))
+    built = task.build(tokenizer, train_data, eval_data, max_length, cfg)
+    eval_set, metrics_fn = built.eval_set, built.metrics
+    texts, pairs = task.scan_texts(eval_data)  # what a separate scan and --patterns read
+    scanned = sources.LabeledData(texts, pairs, [0] * len(texts), [], {})
 
     args = trainer.training_arguments(cfg, out / CHECKPOINTS, use_cpu=use_cpu, show_progress=show_progress,
                                        eval_on_start=resume_from is None,  # epoch 0: before any training
@@ -300,28 +255,29 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     barrier = state.wait_for_everyone
     run_settings = {"model": cfg.model, "variant": cfg.variant, "saobp": settings.to_json() if settings else None,
                     "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers, "task": cfg.task}
-    # Masked-LM evaluation batches carry [MASK]ed text, so their diagnostics come from a separate scan of
-    # the unmasked eval documents; classification takes them from the Trainer's own evaluation pass.
-    probing = not is_mlm and evalprobe.supported(loaded, args)
-    eval_probe = evalprobe.EvalProbe.for_model(loaded, cfg.hops) if probing else None
-    recorder = trainer.EpochRecorder(_diagnose(loaded, eval_data, cfg, max_length, cfg.variant, eval_probe),
-                                      is_main=is_main, settings=run_settings, diagnose_every=cfg.diagnose_every)
+    # diagnostics from the Trainer's own evaluation pass where the task's batches allow (not masked-LM's
+    # [MASK]ed text), else from a separate scan of scan_texts
+    probing = task.probe_in_eval and evalprobe.supported(loaded, args)
+    eval_probe = (task.eval_probe or evalprobe.EvalProbe.for_model)(loaded, cfg.hops) if probing else None
+    diagnose = _diagnose(loaded, scanned, cfg, max_length, cfg.variant, eval_probe, lambda m: tasks.scan_model(task, m))
+    recorder = trainer.EpochRecorder(diagnose, is_main=is_main, settings=run_settings,
+                                      diagnose_every=cfg.diagnose_every, scores=task.scores)
     if resume_from is not None:
         progress = trainer.read_progress(resume_from)
         check_resume(progress, run_settings, resume_from)
         recorder.restore(progress)
     # the same few eval examples' full attention before training (saved beside the checkpoints) and after it
-    staged = stage_patterns.StagePatterns(cfg.patterns, loaded, eval_data, max_length, out / CHECKPOINTS) \
+    staged = stage_patterns.StagePatterns(cfg.patterns, loaded, scanned, max_length, out / CHECKPOINTS) \
         if cfg.patterns and is_main else None
     if is_main:
         prepare_folder(cfg, out)
         if staged is not None:
-            staged.before(loaded.model, resumed=resume_from is not None)
+            staged.before(tasks.scan_model(task, loaded.model), resumed=resume_from is not None)
     barrier()
     hf_trainer = ProbingTrainer(
-        model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        data_collator=collator, compute_metrics=metrics_fn,
-        preprocess_logits_for_metrics=masked_lm.token_nll if is_mlm else None,
+        model=loaded.model, args=args, train_dataset=built.train_set, eval_dataset=eval_set,
+        processing_class=tokenizer, data_collator=built.collator, compute_metrics=metrics_fn,
+        preprocess_logits_for_metrics=built.preprocess_logits,
         callbacks=[recorder, timer := trainer.StepTimer(), *(callbacks or []),
                    *trainer.tensorboard_callbacks(cfg.report_to, out, is_main=is_main)],
         eval_probe=eval_probe)  # diagnostics from the eval pass where it can carry the probe
@@ -335,12 +291,14 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     with trainer.progress_bars(show_progress):
         evaluations = len(recorder.history) + (resume_from is None)  # + the evaluation on start
         hf_trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-        if not is_mlm and len(recorder.history) == evaluations:  # no evaluation kept the final logits
-            metrics_fn.last_logits = hf_trainer.predict(eval_set).predictions
+        # predictions.jsonl holds the last evaluation's, as history's last row does
+        predictions = metrics_fn.predictions() if task.predictions else None
+        if task.name == "sequence-classification" and len(recorder.history) == evaluations:
+            metrics_fn.last_logits = hf_trainer.predict(eval_set).predictions  # no evaluation kept the final logits
         model_dir = trainer.save_model(hf_trainer, tokenizer, out / MODEL_DIR, refined=refined, is_main=is_main,
                                          barrier=barrier, variant=cfg.variant)
         if staged is not None:
-            staged.after(hf_trainer.model)  # the model just saved to model/
+            staged.after(tasks.scan_model(task, hf_trainer.model))  # the model just saved to model/
     if not cfg.checkpoints and is_main:  # nothing to resume from: keep no (stale) checkpoints
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
@@ -384,10 +342,13 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
         if staged is not None:
             outputs.atomic_write_parquet(staged.frame(), out / outputs.PATTERNS)
         outputs.atomic_write_parquet(diagnostics, out / outputs.DIAGNOSTICS)
+        if predictions is not None:
+            outputs.atomic_write_text(out / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n"
+                                                                  for p in predictions))
         meta["wall_time_s"] = round(time.time() - started, 3)
         meta["complete"] = True
         outputs.atomic_write_json(out / outputs.RUN_JSON, meta)
     barrier()
     return RefineResult(out_dir=out, history=history, diagnostics=diagnostics, meta=meta,
                         eval_logits=metrics_fn.last_logits, eval_data=eval_data, model=hf_trainer.model,
-                        tokenizer=tokenizer, is_main=is_main)
+                        tokenizer=tokenizer, is_main=is_main, predictions=predictions)

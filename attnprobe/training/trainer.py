@@ -187,14 +187,18 @@ class EpochRecorder(TrainerCallback):
         is_main: whether this process keeps the rows and writes files.
         settings: what the run was started with, stored with the rows to check a resume against.
         diagnose_every: also diagnose after every this many steps that no evaluation follows (--diagnose-every).
+        scores: the task's score columns; each row takes ``eval_<score>`` from the Trainer's metrics (NaN where
+            missing).
 
     ``log``, where set (refine ``--report-to``: the Trainer's ``log``), receives the scalars of each block of
     diagnostics (``callback.scalars``: per-layer means and flagged-head counts), so the trackers get them too.
     """
 
     def __init__(self, diagnose: Callable[[Any, float, int], list[dict]], *, is_main: bool,
-                 settings: dict[str, Any], diagnose_every: int | None = None):
+                 settings: dict[str, Any], diagnose_every: int | None = None,
+                 scores: tuple[str, ...] = ("accuracy", "f1", "mcc")):
         self.diagnose = diagnose
+        self.scores = tuple(scores)
         self.diagnose_every = diagnose_every
         self._stepped: tuple[int, int] | None = None  # (step, rows before) of the latest --diagnose-every rows
         self.is_main = is_main
@@ -237,10 +241,7 @@ class EpochRecorder(TrainerCallback):
             "epoch": epoch, "step": step, "train_loss": self._pending_loss,
             # a masked LM's token-weighted loss (mlm.py) replaces the Trainer's mean of batch means
             "eval_loss": float(metrics.get("eval_mlm_loss", metrics.get("eval_loss", float("nan")))),
-            "accuracy": float(metrics.get("eval_accuracy", float("nan"))),
-            "f1": float(metrics.get("eval_f1", float("nan"))),
-            "mcc": float(metrics.get("eval_mcc", float("nan"))),
-            **({"perplexity": float(metrics["eval_perplexity"])} if "eval_perplexity" in metrics else {}),
+            **{name: float(metrics.get(f"eval_{name}", float("nan"))) for name in self.scores},
         })
         self._pending_loss = float("nan")
         rows = self.diagnose(model, epoch, step)  # a collective (all-reduce): every process takes part
