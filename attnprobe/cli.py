@@ -301,6 +301,8 @@ def report(
             console.print(note, markup=False)
         if result.html:
             console.print(f"wrote {result.html}", markup=False)
+        if result.explore:
+            console.print(f"wrote {result.explore}", markup=False)
         if result.pngs:
             console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
 
@@ -348,6 +350,8 @@ def show(
                       markup=False)
         if result.html:
             console.print(f"wrote {result.html}", markup=False)
+        if result.explore:
+            console.print(f"wrote {result.explore}", markup=False)
         if result.pngs:
             console.print(f"wrote {len(result.pngs)} PNG figures in {result.out_dir}/", markup=False)
 

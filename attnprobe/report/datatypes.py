@@ -30,12 +30,13 @@ REQUIRED_HISTORY_COLUMNS = ("epoch",)
 
 @dataclass
 class ReportResult:
-    """What ``write_report`` wrote: the folder, the HTML page (None for ``fmt="png"``), the PNGs, notes."""
+    """What ``write_report`` wrote: the folder, the HTML pages (None for ``fmt="png"``), the PNGs, notes."""
 
     out_dir: Path
     html: Path | None = None
     pngs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    explore: Path | None = None  # explore.html, written with the HTML page
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Run:
     step_layers: dict[int, pd.DataFrame] = field(default_factory=dict)  # refine only: optimizer step -> layers
     patterns: list[Pattern] = field(default_factory=list)  # patterns.parquet, when the run kept any
     extremes: pd.DataFrame | None = None  # the most extreme heads by GTD and entropy (report.extreme_table)
+    first_heads: pd.DataFrame | None = None  # refine only: the first diagnosis (before training), if not the last
 
     @property
     def kind(self) -> str:

@@ -44,6 +44,7 @@ class ShowResult:
     html: Path | None = None
     pngs: list[Path] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    explore: Path | None = None  # explore.html, written with show.html
 
 
 def show(config: ShowConfig, *, loaded=None, write: bool = True) -> ShowResult:
@@ -223,7 +224,15 @@ def _write(result: ShowResult, config: ShowConfig) -> None:
     out_dir = Path(config.out) if config.out else outputs.new_run_dir("show")
     make_out_dir(out_dir)
     result.out_dir = out_dir
+    explorer = None
+    if markup is not None:
+        from attnprobe.report import explore
+
+        explorer = explore.render([explore.show_run(result, config.thresholds)], title=f"attnprobe explorer: "
+                                  f"{result.meta['model'].get('name', 'model')}", notes=result.notes,
+                                  generated=time.strftime("%Y-%m-%d %H:%M:%S"), version=__version__).markup
     if config.format in ("png", "both"):
         result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in result.plots]
     if markup is not None:
+        result.explore = outputs.atomic_write_text(out_dir / explore.EXPLORE_NAME, explorer)
         result.html = outputs.atomic_write_text(out_dir / HTML_NAME, markup)

@@ -37,7 +37,8 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         fmt: ``"html"`` (the page only, figures embedded), ``"png"`` (the figures only) or ``"both"``.
 
     Every run is read and every figure rendered before the first file is written, so a bad run leaves
-    nothing behind; each file appears under its name only when complete, the HTML page last.
+    nothing behind; each file appears under its name only when complete, explore.html (report.explore)
+    and then the HTML page last.
     """
     ReportConfig(format=fmt).validate()
     notes: list[str] = []
@@ -66,6 +67,12 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
 
         markup = page.render_page(runs=loaded, plots=plots, comparison=comparison, notes=notes,
                                     generated=time.strftime("%Y-%m-%d %H:%M:%S"), version=__version__)
+        from attnprobe.report import explore
+
+        title = "attnprobe explorer: " + (loaded[0].label if len(loaded) == 1 else f"{len(loaded)} runs compared")
+        explorer = explore.render(loaded, title=title, notes=notes, generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  version=__version__)
+        notes.extend(explorer.notes)  # the size notice, after report.html's notes were rendered
 
     if out is not None:
         out_dir = Path(out)
@@ -80,6 +87,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path | None = None, fmt:
         if fmt in ("png", "both"):
             result.pngs = [outputs.atomic_write_bytes(out_dir / plot.file, plot.png) for plot in plots]
         if markup is not None:
+            result.explore = outputs.atomic_write_text(out_dir / explore.EXPLORE_NAME, explorer.markup)
             result.html = outputs.atomic_write_text(out_dir / HTML_NAME, markup)
     except BaseException:
         if created:  # a failed report leaves no folder behind
@@ -144,6 +152,8 @@ def load_run(path: str | Path) -> Run:
                   history=history.sort_values(["epoch"], kind="stable", ignore_index=True),
                   epoch_layers=epoch_layers, step_layers=step_layers(diagnostics))
         run.patterns = _read_patterns(path, "refine")
+        if len(epochs) > 1:
+            run.first_heads = by_epoch[epochs[0]]
     else:
         raise AttnprobeError(
             f"{path / outputs.RUN_JSON} says kind {kind!r}; report reads runs of attnprobe scan or refine"
