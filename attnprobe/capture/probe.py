@@ -22,7 +22,7 @@ _ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprob
 
 
 SUM_KEYS = (*metrics.QUERY_METRICS, "bp_shift")
-COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight")
+COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight", "unscored")
 
 
 def _assemble(parts, key: str) -> torch.Tensor:
@@ -127,7 +127,7 @@ class Probe:
         self._batch = []
 
     def observe(self, module, probs: torch.Tensor, plain: torch.Tensor | None = None, *,
-                scores: torch.Tensor | None = None) -> None:
+                scores: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> None:
         """Reduce one layer's ``(B, H, Q, K)`` attention to ``(B, H)`` sums.
 
         Args:
@@ -136,6 +136,9 @@ class Probe:
             plain: the attention before SAOBP refinement, for ``bp_shift`` (None: not refined).
             scores: the logits with ``probs = softmax(scores)``, if the caller has them; they let the
                 direct entropy skip a log (used only when ``probs`` is already in ``metric_dtype``).
+            allowed: ``(B, Q, K)`` bool, the keys each query may see under the model's own mask (causal or
+                sliding-window attention), padding included; None when every real token sees every real
+                token (an encoder). Its rows are scored as blocks.masked_block_sums says.
         """
         self.calls += 1
         if self._keep is None:
@@ -154,12 +157,19 @@ class Probe:
             scores = None  # the logits of unrefined attention at the metrics' precision, or none
         parts = []
         limit = blocks.CHUNK_ELEMENTS if probs.device.type == "cpu" else blocks.DEVICE_CHUNK_ELEMENTS
+        if allowed is not None:
+            allowed = allowed.to(probs.device).expand(B, Q, K)
         for b0, b1, h0, h1 in blocks.blocks(B, H, Q * K, limit):
             pl = plain[b0:b1, h0:h1].to(self.metric_dtype) if plain is not None else None
-            sc = scores[b0:b1, h0:h1] if scores is not None else None
-            parts.append(((b0, h0), self.block_fn(probs[b0:b1, h0:h1].to(self.metric_dtype), keep[b0:b1],
-                                                  special[b0:b1] if special is not None else None,
-                                                  self.hops, pl, sc, self._scratch)))
+            block = probs[b0:b1, h0:h1].to(self.metric_dtype)
+            spec = special[b0:b1] if special is not None else None
+            if allowed is not None:
+                sums = blocks.masked_block_sums(block, keep[b0:b1], allowed[b0:b1], spec, self.hops, pl,
+                                                self._scratch)
+            else:
+                sc = scores[b0:b1, h0:h1] if scores is not None else None
+                sums = self.block_fn(block, keep[b0:b1], spec, self.hops, pl, sc, self._scratch)
+            parts.append(((b0, h0), sums))
         sums = {k: _assemble(parts, k).cpu() for k in parts[0][1]}  # each (B, H)
         if "bp_shift" not in sums:
             sums["bp_shift"] = torch.full_like(sums["queries"], float("nan"))

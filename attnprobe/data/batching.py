@@ -32,6 +32,9 @@ def effective_max_length(loaded, requested: int | None) -> int:
     limit = min(tok_max, pos, 10**6)
     if limit >= 10**6:
         limit = 512
+    window = getattr(loaded, "window", None)  # local attention read through output_attentions
+    if window:
+        limit = min(limit, window)
     return limit if requested is None else min(requested, limit)
 
 

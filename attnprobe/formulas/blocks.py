@@ -179,3 +179,81 @@ def block_sums(
     sums["queries"] = ok.to(torch.float64).sum(-1)
     sums["nonfinite"] = bad.to(torch.float64).sum(-1)
     return sums
+
+
+def masked_block_sums(
+    probs: torch.Tensor,
+    keep: torch.Tensor,
+    allowed: torch.Tensor,
+    special: torch.Tensor | None = None,
+    hops: int = 2,
+    plain: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
+) -> dict[str, torch.Tensor]:
+    """``query_sums(query_metrics(probs, keep, special, hops, plain, allowed), keep)`` for attention whose rows
+    see different keys (causal and sliding-window masks), into reused scratch buffers.
+
+    Each row's entropies are normalized by its own ``log n_i``; rows that see fewer than 2 keys are left out
+    and counted (``unscored``); ``first_mass`` is the mass on each sequence's first real token; ``sink_mass``
+    takes each key's mean over the scored rows that see it. ``block_sums`` is the faster path for attention in
+    which every real token sees every real token.
+
+    Args:
+        probs: ``(b, h, Q, K)`` attention probabilities.
+        keep: ``(b, K)`` bool, True for real tokens.
+        allowed: ``(b, Q, K)`` bool, the keys each row may see under the model's own mask (padding included).
+        special: ``(b, K)`` bool special tokens, or None.
+        hops: K of the multi-hop attention.
+        plain: ``(b, h, Q, K)`` attention before SAOBP (for ``bp_shift``), or None.
+        scratch: buffers to reuse (None: allocate).
+    """
+    scratch = scratch if scratch is not None else Scratch()
+    multi = multi_hop_into(probs, hops, scratch)
+    work = scratch.get("work", probs)
+    h_dir = entropy_into(probs, work)
+    h_ind = entropy_into(multi, work)
+    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place
+    if special is not None:
+        spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
+    else:
+        spec = torch.zeros_like(h_dir)
+    first = metrics.first_key_mass(probs, metrics.first_position(keep))
+    columns = [h_dir, h_ind, tv, metrics.self_mass(probs), metrics.local_mass(probs), first, spec]
+    if plain is not None:
+        columns.append(torch.sub(probs, plain, out=work).abs_().sum(-1).mul_(0.5))
+    scored = metrics.scored_rows(keep, allowed)  # (b, Q)
+    seen = (allowed & scored[..., None])[:, None].to(probs.dtype)  # (b, 1, Q, K)
+    count = seen.sum(-2)  # (b, 1, K)
+    share = torch.mul(probs, seen, out=work).sum(-2) / count.clamp_min(1.0)  # (b, h, K)
+    sink = torch.where(count > 0, share, -1.0).amax(-1).clamp_min(0.0).to(torch.float64)  # (b, h)
+
+    valid = scored[:, None, :]  # (b, 1, Q)
+    bad = ~(torch.isfinite(h_dir) & torch.isfinite(tv)) & valid  # (b, h, Q)
+    ok = valid & ~bad
+    values = torch.where(ok[..., None], torch.stack(columns, -1).to(torch.float64), 0.0).sum(-2)  # (b, h, m)
+    log_n = metrics.row_normalizer(allowed)[:, None, :]  # (b, 1, Q)
+
+    def normalized(h: torch.Tensor) -> torch.Tensor:
+        return torch.where(ok, h.to(torch.float64) / log_n, 0.0).sum(-1)
+
+    sums = {
+        "direct_entropy": values[..., 0],
+        "direct_entropy_norm": normalized(h_dir),
+        "indirect_entropy": values[..., 1],
+        "indirect_entropy_norm": normalized(h_ind),
+        "gtd": values[..., 2],
+        "self_mass": values[..., 3],
+        "local_mass": values[..., 4],
+        "first_mass": values[..., 5],
+        "special_mass": values[..., 6],
+    }
+    if plain is not None:
+        sums["bp_shift"] = values[..., 7]
+    n = keep.sum(-1).to(torch.float64)[:, None]  # (b, 1)
+    head_ok = ~bad.any(-1)
+    sums["sink_weighted"] = torch.where(head_ok, n * sink, 0.0)
+    sums["sink_weight"] = torch.where(head_ok, n.expand_as(sink), 0.0)
+    sums["queries"] = ok.to(torch.float64).sum(-1)
+    sums["nonfinite"] = bad.to(torch.float64).sum(-1)
+    sums["unscored"] = (keep & ~scored).to(torch.float64).sum(-1)[:, None].expand_as(sink).clone()
+    return sums

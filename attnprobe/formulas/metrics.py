@@ -131,12 +131,66 @@ def normalizer(keep: torch.Tensor) -> torch.Tensor:
     return torch.where(n >= 2, n.log(), torch.ones_like(n))
 
 
+# ---- attention whose rows see different keys (causal and sliding-window masks) ----------------------
+#
+# ``allowed`` is ``(B, Q, K)`` bool: the keys each query row may see under the model's own mask, padding
+# included. Row i has ``n_i = sum_k allowed_ik`` keys; rows with ``n_i < 2`` (a causal sequence's first token)
+# are not scored. For an encoder (``allowed_ik = keep_i and keep_k``) every definition below reduces to the
+# per-sequence one above.
+
+
+def row_keys(allowed: torch.Tensor) -> torch.Tensor:
+    """``n_i``, the keys each query row may see, ``(..., Q, K) -> (..., Q)`` float64."""
+    return allowed.sum(-1).to(torch.float64)
+
+
+def scored_rows(keep: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Rows that are scored: real tokens that see at least 2 keys, ``(B, Q)`` bool."""
+    return keep & (allowed.sum(-1) >= 2)
+
+
+def row_normalizer(allowed: torch.Tensor) -> torch.Tensor:
+    """``log n_i`` per query row for normalizing entropies, ``(..., Q)`` float64; rows with n_i < 2 get 1."""
+    n = row_keys(allowed)
+    return torch.where(n >= 2, n.log(), torch.ones_like(n))
+
+
+def first_position(keep: torch.Tensor) -> torch.Tensor:
+    """Index of each sequence's first real token, ``(B, K) -> (B,)`` (0 unless the batch is left-padded)."""
+    return keep.to(torch.int8).argmax(-1)
+
+
+def first_key_mass(probs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Mass on each sequence's first real token, ``probs`` ``(B, H, Q, K)``, ``first`` ``(B,)`` -> ``(B, H, Q)``."""
+    B, H, Q, _ = probs.shape
+    return probs.gather(-1, first.view(B, 1, 1, 1).expand(B, H, Q, 1)).squeeze(-1)
+
+
+def visible_key_share(probs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Each key's mean weight over the rows that see it, ``(..., Q, K) -> (..., K)``; NaN for a key no row sees.
+
+    ``seen`` (broadcast against ``probs``) marks, for scored rows only, the keys each row may see.
+    """
+    w = seen.to(probs.dtype)
+    count = w.sum(-2)
+    share = (w * probs).sum(-2) / count.clamp_min(1.0)
+    return torch.where(count > 0, share, float("nan"))
+
+
+def row_sink_mass(probs: torch.Tensor, keep: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``max_k`` of ``visible_key_share`` over the scored rows, per sequence and head, ``(B, H)``."""
+    seen = (allowed & scored_rows(keep, allowed)[..., None])[:, None]  # (B, 1, Q, K)
+    share = visible_key_share(probs, seen)
+    return torch.nan_to_num(share, nan=-1.0).amax(-1).clamp_min(0.0)
+
+
 def query_metrics(
     probs: torch.Tensor,
     keep: torch.Tensor,
     special: torch.Tensor | None = None,
     hops: int = 2,
     plain: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All per-query metrics of one batch of heads, unreduced.
 
@@ -146,11 +200,16 @@ def query_metrics(
         special: ``(B, K)`` bool, True for special tokens (None: no special tokens).
         hops: K of the multi-hop attention.
         plain: ``(B, H, Q, K)`` attention before SAOBP refinement, for ``bp_shift`` (None: not refined).
+        allowed: ``(B, Q, K)`` bool, the keys each row may see under the model's mask (causal attention);
+            None: every real token sees every real token (an encoder).
 
     Returns:
         dict of ``(B, H, Q)`` tensors named as in ``QUERY_METRICS`` (plus ``bp_shift`` when ``plain``
-        is given), ``sink_mass`` as ``(B, H)`` and ``nonfinite`` as ``(B, H, Q)`` bool.
+        is given), ``sink_mass`` as ``(B, H)`` and ``nonfinite`` as ``(B, H, Q)`` bool; with ``allowed``
+        also ``scored`` ``(B, Q)`` bool, the rows ``query_sums`` averages over.
     """
+    if allowed is not None:
+        return _row_metrics(probs, keep, special, hops, plain, allowed)
     log_n = normalizer(keep).to(probs.dtype)[:, None, None]  # (B, 1, 1)
     multi = multi_hop(probs, hops)
     h_dir = direct_entropy(probs)
@@ -190,13 +249,14 @@ def query_sums(values: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
         rows summed, ``nonfinite`` (B, H) the count of valid rows dropped for NaN/Inf, and
         ``sink_weighted`` (B, H) = ``n * sink_mass`` with ``n`` the valid tokens of the sequence.
     """
-    valid = keep[:, None, :].expand_as(values["nonfinite"])  # (B, H, Q)
+    rows = values.get("scored", keep)  # (B, Q): causal attention leaves out rows that see < 2 keys
+    valid = rows[:, None, :].expand_as(values["nonfinite"])  # (B, H, Q)
     bad = values["nonfinite"] & valid
     ok = valid & ~bad
     okf = ok.to(torch.float64)
     sums = {}
     for name, v in values.items():
-        if name in ("nonfinite", "sink_mass"):
+        if name in ("nonfinite", "sink_mass", "scored"):
             continue
         sums[name] = torch.where(ok, v.to(torch.float64), 0.0).sum(-1)
     n = keep.sum(-1).to(torch.float64)[:, None]  # (B, 1)
@@ -206,7 +266,38 @@ def query_sums(values: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
     sums["sink_weight"] = torch.where(head_ok, n.expand_as(sink), 0.0)
     sums["queries"] = okf.sum(-1)
     sums["nonfinite"] = bad.to(torch.float64).sum(-1)
+    if "scored" in values:
+        unscored = (keep & ~rows).to(torch.float64).sum(-1)[:, None]  # (B, 1)
+        sums["unscored"] = unscored.expand_as(sums["queries"]).clone()
     return sums
+
+
+def _row_metrics(probs, keep, special, hops, plain, allowed) -> dict[str, torch.Tensor]:
+    """``query_metrics`` for rows that see different keys: entropies normalized by each row's ``log n_i``,
+    ``first_mass`` on the first real token, ``sink_mass`` over the scored rows that see each key."""
+    log_n = row_normalizer(allowed).to(probs.dtype)[:, None, :]  # (B, 1, Q)
+    multi = multi_hop(probs, hops)
+    h_dir = direct_entropy(probs)
+    h_ind = indirect_entropy(multi)
+    tv = gtd(probs, multi)
+    out = {
+        "direct_entropy": h_dir,
+        "direct_entropy_norm": h_dir / log_n,
+        "indirect_entropy": h_ind,
+        "indirect_entropy_norm": h_ind / log_n,
+        "gtd": tv,
+        "self_mass": self_mass(probs),
+        "local_mass": local_mass(probs),
+        "first_mass": first_key_mass(probs, first_position(keep)),
+        "special_mass": special_mass(probs, special[:, None, :]) if special is not None
+        else torch.zeros_like(h_dir),
+        "sink_mass": row_sink_mass(probs, keep, allowed),
+        "scored": scored_rows(keep, allowed),
+    }
+    if plain is not None:
+        out["bp_shift"] = bp_shift(probs, plain)
+    out["nonfinite"] = ~(torch.isfinite(h_dir) & torch.isfinite(tv))
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What a loaded encoder's attention looks like: its shape, whether it is probabilities, and padding.
+"""What a loaded model's attention looks like: its shape, whether it is probabilities, and padding.
 
 attnprobe scans any model whose attention is, per layer, a square ``(B, H, n, n)`` tensor of probability
 rows. This module decides that by running the model on two short sentences at load time (``inspect``),
@@ -183,8 +183,28 @@ def readable(attentions: list[torch.Tensor], recover: str | None) -> list[torch.
 
 
 def _encode(tokenizer, texts, device) -> dict[str, torch.Tensor]:
-    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    """The texts as one right-padded batch, padded here (as the scan pads), whatever side the tokenizer pads on
+    and whether or not it has a pad token."""
+    enc = tokenizer(list(texts))
+    n = max(len(x) for x in enc["input_ids"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {"input_ids": torch.full((len(texts), n), pad, dtype=torch.long),
+           "attention_mask": torch.zeros((len(texts), n), dtype=torch.long)}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = torch.zeros((len(texts), n), dtype=torch.long)
+    for b, ids in enumerate(enc["input_ids"]):
+        out["input_ids"][b, :len(ids)] = torch.tensor(ids)
+        out["attention_mask"][b, :len(ids)] = 1
+        if "token_type_ids" in enc:
+            out["token_type_ids"][b, :len(ids)] = torch.tensor(enc["token_type_ids"][b])
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def ahead_weight(probs: torch.Tensor) -> float:
+    """The largest weight a query puts on a later position, ``probs`` ``(B, H, n, n)``: 0 for causal attention."""
+    n = probs.shape[-1]
+    ahead = torch.ones(n, n, dtype=torch.bool, device=probs.device).triu(1)
+    return float(probs.masked_select(ahead).abs().max()) if n > 1 else 0.0
 
 
 def config_problem(config) -> str | None:
@@ -196,11 +216,19 @@ def config_problem(config) -> str | None:
     return None
 
 
-def inspect(model, tokenizer, backend: str) -> Capability:
+def eager_window(config) -> int | None:
+    """The local-attention window of a decoder read through ``output_attentions`` (GPT-Neo's ``window_size``,
+    a ``sliding_window``), or None. Its masks are not handed over, so sequences are kept within the window,
+    where local attention equals causal attention."""
+    window = getattr(config, "window_size", None) or getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def inspect(model, tokenizer, backend: str, causal: bool = False) -> Capability:
     """Run the load-time checks (structure, probabilities, padding invariance); refuse what fails.
 
     Three tiny forward passes: the short check sentence alone, the long one alone, both in one
-    right-padded batch.
+    right-padded batch. A ``causal`` model (a decoder) must also put no weight on later positions.
     """
     arch = arch_name(model)
     if (problem := config_problem(model.config)) is not None:
@@ -230,9 +258,13 @@ def inspect(model, tokenizer, backend: str) -> Capability:
         for layer, probs in enumerate(readable(att, recover)):
             if (problem := probability_problem(probs, batch["attention_mask"])) is not None:
                 raise AttnprobeError(f"{arch}'s attention of layer {layer} is not probabilities ({problem}); attnprobe refuses it")
+            if causal and (ahead := ahead_weight(probs)) > tolerance(probs.dtype):
+                raise AttnprobeError(f"{arch} is a decoder but its layer {layer} puts weight {ahead:.3g} on later "
+                                     "positions; attnprobe cannot tell which keys its queries see, so it refuses it")
     both = _encode(tokenizer, CHECK_TEXTS, device)
     if both["attention_mask"].all():
-        raise AttnprobeError(f"the tokenizer does not pad (it gives both check sentences {both['input_ids'].shape[1]} tokens)")
+        raise AttnprobeError(f"the tokenizer gives both check sentences {both['input_ids'].shape[1]} tokens; "
+                             "it does not split text into words")
     padded = _forward(model, both, backend)
     check_structure(padded, arch, 2, both["input_ids"].shape[1], heads)
     n = alone[0]["input_ids"].shape[1]

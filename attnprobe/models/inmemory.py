@@ -21,7 +21,6 @@ from attnprobe.errors import AttnprobeError
 from attnprobe.models import checkpoints, loading
 from attnprobe.formulas.saobp import GAMMAS, SaobpSettings, parse_bp_layers
 
-DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _PREVIOUS = "_attnprobe_previous_attention"  # set on a model by apply_saobp: what remove_saobp restores
 
 
@@ -40,20 +39,18 @@ class _IdsInputs:
 
 
 def check_model(model: Any) -> None:
-    """Refuse what is not a transformers encoder model (decoders, encoder-decoders, plain modules)."""
+    """Refuse what is not a transformers encoder or decoder-only model (encoder-decoders, plain modules)."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise AttnprobeError(
             f"expected a transformers model (a PreTrainedModel, e.g. from AutoModel.from_pretrained), got "
-            f"{type(model).__name__}; attnprobe reads Hugging Face encoders"
+            f"{type(model).__name__}; attnprobe reads Hugging Face encoders and decoder-only language models"
         )
     config = model.config
-    archs = list(getattr(config, "architectures", None) or []) + [type(model).__name__]
-    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False) or any(
-            a.endswith(DECODER_SUFFIXES) for a in archs):
-        raise AttnprobeError(f"{type(model).__name__} is a decoder or encoder-decoder ({config.model_type}); "
-                             "attnprobe reads encoders such as BERT, RoBERTa or DistilBERT")
+    if getattr(config, "is_encoder_decoder", False):
+        raise AttnprobeError(f"{type(model).__name__} is an encoder-decoder ({config.model_type}); attnprobe reads "
+                             "encoders (BERT, RoBERTa, ...) and decoder-only language models (GPT-2, Llama, ...)")
 
 
 def num_layers_of(model) -> int:
@@ -132,8 +129,9 @@ def probing(model: Any, tokenizer: Any, name: str | None = None) -> Iterator[loa
             backend = "eager-outputs"
         from attnprobe.models import capability
 
+        causal = loading.is_causal(model.config) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
         with checkpoints.quiet_loading():  # load_model's capability checks: structure, probability rows, padding
-            found = capability.inspect(model, tokenizer, backend)
+            found = capability.inspect(model, tokenizer, backend, causal=causal)
         if backend == "attnprobe" and found.num_layers != num_layers:
             raise AttnprobeError(f"the model made {found.num_layers} attention calls for {num_layers} "
                                  "layers; attnprobe cannot map them to layers")
@@ -144,10 +142,11 @@ def probing(model: Any, tokenizer: Any, name: str | None = None) -> Iterator[loa
                 "attention_read_as": "softmax of output_attentions" if found.recover else None,
                 "hidden_size": getattr(model.config, "hidden_size", getattr(model.config, "dim", None)),
                 "max_positions": getattr(model.config, "max_position_embeddings", None),
-                "saobp": settings.to_json() if settings else None}
+                "saobp": settings.to_json() if settings else None, "causal": causal}
         yield loading.LoadedModel(model=model, tokenizer=tokenizer, info=info, backend=backend,
                                  num_layers=found.num_layers, num_heads=found.num_heads, saobp=settings,
-                                 device=device, padding=found.padding, recover=found.recover)
+                                 device=device, padding=found.padding, recover=found.recover, causal=causal,
+                                 window=capability.eager_window(model.config) if backend == "eager-outputs" else None)
     finally:
         if model.config._attn_implementation != previous:
             _set_attention(model, previous)

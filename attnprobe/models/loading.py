@@ -50,6 +50,8 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     padding: str = "right"  # "none": attention changes with padding, batches hold one length only
     recover: str | None = None  # "softmax": output_attentions are pre-softmax scores (capability.py)
+    causal: bool = False  # a decoder: query i sees keys k <= i (and what a sliding window allows)
+    window: int | None = None  # eager-outputs only: a local-attention window that caps the scanned length
 
 
 _REGISTERED = False
@@ -96,17 +98,25 @@ def load_config(path: Path, trust_remote_code: bool = False):
         raise AttnprobeError(f"{path}/config.json is not valid JSON ({exc}); re-save the checkpoint") from None
     model_type = raw.get("model_type")
     archs = raw.get("architectures") or []
-    if raw.get("is_decoder") or raw.get("is_encoder_decoder") or any(a.endswith(DECODER_SUFFIXES) for a in archs) \
-            or _is_decoder_type(model_type):
+    if raw.get("is_encoder_decoder") or any(a.endswith("ForConditionalGeneration") for a in archs) and \
+            not _is_decoder_type(model_type):
         raise AttnprobeError(
-            f"{path} holds a decoder or encoder-decoder ({model_type}, {', '.join(archs) or 'no architectures'}), "
-            "not a Transformer encoder; attnprobe reads encoders such as BERT, RoBERTa or DeBERTa"
+            f"{path} holds an encoder-decoder ({model_type}, {', '.join(archs) or 'no architectures'}); attnprobe "
+            "reads encoders (BERT, RoBERTa, ...) and decoder-only language models (GPT-2, Llama, Qwen, ...)"
         )
     try:
         with quiet_loading():
             return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise AttnprobeError(f"cannot read the config of {path}: {exc}") from None
+
+
+def is_causal(config) -> bool:
+    """Whether a config describes a decoder-only language model (causal attention): a decoder flag, a causal-LM
+    architecture, or a model type transformers knows as a causal LM and not as a masked LM."""
+    archs = getattr(config, "architectures", None) or []
+    return bool(getattr(config, "is_decoder", False)) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) \
+        or _is_decoder_type(getattr(config, "model_type", None))
 
 
 def _is_decoder_type(model_type: str | None) -> bool:
@@ -136,7 +146,8 @@ def load_model(
     Args:
         spec: an alias from ``ALIASES``, a ``save_pretrained`` folder or a hub id in the local cache.
         num_layers: keep only the first N layers.
-        task: ``base`` (AutoModel), ``sequence-classification`` or ``masked-lm`` (AutoModelForMaskedLM).
+        task: ``base`` (AutoModel), ``sequence-classification``, ``masked-lm`` (AutoModelForMaskedLM),
+            ``question-answering`` or ``multiple-choice`` (whose load-time checks run its ``base_model``).
         saobp: SAOBP settings to switch in (None keeps what the checkpoint's config says, if anything).
         tokenizer: a tokenizer folder, alias or cached hub id to use instead of the checkpoint's own.
 
@@ -170,6 +181,10 @@ def load_model(
         auto = AutoModelForSequenceClassification
     elif task == "masked-lm":
         from transformers import AutoModelForMaskedLM as auto
+    elif task == "question-answering":
+        from transformers import AutoModelForQuestionAnswering as auto
+    elif task == "multiple-choice":
+        from transformers import AutoModelForMultipleChoice as auto
     else:
         auto = AutoModel
     torch_device = pick_device(device)
@@ -184,7 +199,7 @@ def load_model(
     except AttnprobeError:
         raise
     except (ValueError, KeyError, TypeError) as exc:
-        if "attn_implementation" in str(exc) or "attention" in str(exc).lower():
+        if "attn_implementation" in str(exc) or "attention" in str(exc).lower() or str(exc).strip("'\"") in ATTN_NAMES:
             model = None
         else:
             raise AttnprobeError(f"cannot load the weights in {path}: {first_line_of(exc)}") from None
@@ -205,7 +220,8 @@ def load_model(
     model.to(torch_device).eval()
     num_layers_eff = int(getattr(model.config, layers_key))
     if backend == "attnprobe":
-        calls, indexed = verify_backend(model, tok, num_layers_eff)
+        # a multiple-choice head wants (B, C, L) ids: the checks run its encoder on plain text
+        calls, indexed = verify_backend(model.base_model if task == "multiple-choice" else model, tok, num_layers_eff)
         if settings and settings.layers is not None and calls and not indexed:
             raise AttnprobeError(
                 f"{spec} ({config.model_type}) shares one attention module across its layers, so SAOBP "
@@ -219,8 +235,10 @@ def load_model(
                 )
             model.set_attn_implementation("eager")
             backend = "eager-outputs"
+    causal = is_causal(model.config)
     with quiet_loading():
-        found = capability.inspect(model, tok, backend)
+        found = capability.inspect(model.base_model if task == "multiple-choice" else model, tok, backend,
+                                   causal=causal)
     if backend == "attnprobe" and found.num_layers != num_layers_eff:
         raise AttnprobeError(f"the model made {found.num_layers} attention calls for {num_layers_eff} layers; "
                              "attnprobe cannot map them to layers")
@@ -245,10 +263,12 @@ def load_model(
         "hidden_size": getattr(model.config, "hidden_size", getattr(model.config, "dim", None)),
         "max_positions": getattr(model.config, "max_position_embeddings", None),
         "saobp": settings.to_json() if settings else None,
+        "causal": causal,
     }
     return LoadedModel(model=model, tokenizer=tok, info=info, backend=backend, num_layers=num_layers_eff,
                        num_heads=num_heads, saobp=settings, device=torch_device, padding=found.padding,
-                       recover=found.recover)
+                       recover=found.recover, causal=causal,
+                       window=capability.eager_window(model.config) if backend == "eager-outputs" else None)
 
 
 class _CallRecorder:

@@ -47,8 +47,15 @@ def forward_batch(loaded, probe: Probe, batch: dict[str, torch.Tensor], special:
                                                 loaded.num_layers, loaded.num_heads,
                                                 getattr(loaded, "recover", None))
             del out
+            allowed = None
+            if getattr(loaded, "causal", False):  # a decoder: each query sees the real tokens up to itself
+                n = keep.shape[-1]
+                allowed = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()[None] & keep[:, None, :]
             for layer_probs in attentions:  # (B, H, Q, K) each, reduced one by one
-                probe.observe(None, layer_probs)
+                if allowed is None:
+                    probe.observe(None, layer_probs)
+                else:
+                    probe.observe(None, layer_probs, allowed=allowed)
             del attentions
         else:
             probe.stop_after_last = stop_early

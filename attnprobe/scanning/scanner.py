@@ -170,7 +170,9 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
     stats = source.stats()
     stats.update({"sequences_scanned": counts["sequences"], "tokens": counts["tokens"],
                   "truncated": counts["truncated"], "skipped_too_short": counts["too_short"],
-                  "max_length": max_length})
+                  "max_length": max_length,
+                  # a decoder's rows that see fewer than 2 keys (its first token), per head
+                  "rows_not_scored": int(probe.totals()["unscored"].max())})
     notices = []
     if getattr(loaded, "padding", "right") == "none":
         notices.append(unpadded_notice(loaded))

@@ -119,7 +119,7 @@ def _tiny_squeezebert(vocab_size: int = 100):
 
 
 def test_apply_refuses_what_it_cannot_refine(tiny_models):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import T5Config, T5ForConditionalGeneration
 
     model = _model(tiny_models["bert"])
     for kwargs, match in [(dict(variant="bp-middle"), "unknown variant"), (dict(variant="baseline"), "nothing to"),
@@ -137,8 +137,9 @@ def test_apply_refuses_what_it_cannot_refine(tiny_models):
     with pytest.raises(AttnprobeError, match="AttentionInterface"):
         saobp.apply(squeeze)
     assert squeeze.config._attn_implementation == impl and not hasattr(squeeze.config, "saobp")
-    with pytest.raises(AttnprobeError, match="decoder"):
-        saobp.apply(GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50)))
+    with pytest.raises(AttnprobeError, match="encoder-decoder"):
+        saobp.apply(T5ForConditionalGeneration(T5Config(num_layers=1, num_heads=2, d_model=8, d_kv=4, d_ff=8,
+                                                        vocab_size=50)))
     with pytest.raises(AttnprobeError, match="PreTrainedModel"):
         saobp.apply(torch.nn.Linear(2, 2))
 

@@ -59,12 +59,13 @@ def test_pickle_only_weights_refused_unless_allowed(tiny_bert, tmp_path):
     assert loaded.info["weights_format"] == "pickle"
 
 
-def test_decoder_model_type_refused(tmp_path):
-    folder = tmp_path / "gpt"
+def test_encoder_decoder_model_type_refused(tmp_path):
+    folder = tmp_path / "t5"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True,
+                                                    "architectures": ["T5ForConditionalGeneration"]}))
     (folder / "model.safetensors").write_bytes(b"")
-    with pytest.raises(AttnprobeError, match="not a Transformer encoder"):
+    with pytest.raises(AttnprobeError, match="holds an encoder-decoder"):
         loading.load_model(str(folder))
 
 
