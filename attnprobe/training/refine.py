@@ -232,7 +232,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
     names = train_data.label_names
     with tempfile.TemporaryDirectory(prefix="attnprobe-init-") as fresh:
         init = None if cfg.init is None else masked_lm.fresh_checkpoint(
-            cfg.model, cfg.init, cfg.tokenizer, Path(fresh), cfg.seed, cfg.trust_remote_code)
+            cfg.model, cfg.init, cfg.tokenizer, Path(fresh), cfg.seed, cfg.trust_remote_code,
+            causal=cfg.task == "causal-lm")
         transformers.set_seed(cfg.seed)  # the new classifier head is initialised from this
         # a fresh model's folder holds its tokenizer (--tokenizer's, if given) already
         loaded = _load(cfg, len(names), names, fresh if init else cfg.model, None if init else cfg.tokenizer)

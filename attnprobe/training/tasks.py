@@ -22,6 +22,7 @@ MODULES = {
     "masked-lm": "attnprobe.training.masked_lm",
     "question-answering": "attnprobe.training.question_answering",
     "multiple-choice": "attnprobe.training.multiple_choice",
+    "causal-lm": "attnprobe.training.causal_lm",
 }
 
 
