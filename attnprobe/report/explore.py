@@ -116,20 +116,3 @@ def _page(data: dict, blocks: list[dict], *, title: str, notes: Sequence[str], g
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
-
-def show_run(result, thresholds) -> Run:
-    """A ``show`` sentence as a one-example Run, so that its explore.html is the report's page."""
-    from pathlib import Path
-
-    from attnprobe.capture.patterns import Pattern
-    from attnprobe.report.datatypes import Run
-    from attnprobe.report.writer import _with_flags, extreme_table, flagged_table, layer_means
-
-    heads = _with_flags(result.heads)
-    meta = {"kind": "show", "model": result.meta.get("model", {}), "thresholds": {
-        k: getattr(thresholds, k) for k in explore_data.THRESHOLD_NAMES}}
-    p = result.pattern
-    run = Run(Path(result.out_dir or "."), "sentence", meta, heads, layer_means(heads), flagged_table(heads, thresholds))
-    run.patterns = [Pattern(row=0, tokens=list(result.tokens), probs=p.probs, plain=p.plain)]
-    run.extremes = extreme_table(heads)
-    return run

@@ -228,7 +228,7 @@ def _write(result: ShowResult, config: ShowConfig) -> None:
     if markup is not None:
         from attnprobe.report import explore
 
-        explorer = explore.render([explore.show_run(result, config.thresholds)], title=f"attnprobe explorer: "
+        explorer = explore.render([_explore_run(result, config.thresholds)], title=f"attnprobe explorer: "
                                   f"{result.meta['model'].get('name', 'model')}", notes=result.notes,
                                   generated=time.strftime("%Y-%m-%d %H:%M:%S"), version=__version__).markup
     if config.format in ("png", "both"):
@@ -236,3 +236,18 @@ def _write(result: ShowResult, config: ShowConfig) -> None:
     if markup is not None:
         result.explore = outputs.atomic_write_text(out_dir / explore.EXPLORE_NAME, explorer)
         result.html = outputs.atomic_write_text(out_dir / HTML_NAME, markup)
+
+
+def _explore_run(result: ShowResult, thresholds):
+    """The sentence as a one-example Run, so that its explore.html is the report's page."""
+    from attnprobe.capture.patterns import Pattern
+    from attnprobe.report.datatypes import Run
+    from attnprobe.report.writer import _with_flags, extreme_table, flagged_table, layer_means
+
+    heads = _with_flags(result.heads)
+    meta = {"kind": "show", "model": result.meta.get("model", {}), "thresholds": {
+        k: getattr(thresholds, k) for k in ("entropy_collapse", "low_gtd", "high_gtd", "sink", "diffuse")}}
+    run = Run(Path(result.out_dir or "."), "sentence", meta, heads, layer_means(heads), flagged_table(heads, thresholds))
+    run.patterns = [Pattern(row=0, tokens=list(result.tokens), probs=result.pattern.probs, plain=result.pattern.plain)]
+    run.extremes = extreme_table(heads)
+    return run

@@ -86,8 +86,15 @@ def dequantize(b64: str, n: int) -> np.ndarray:
     return (q / 255.0) ** 2
 
 
-@pytest.fixture()
-def scan_page(tmp_path):
+def explore_markup(*runs: Path, budget: int | None = None) -> str:
+    """explore.html of run folders, without the figures of a whole report."""
+    return explore.render([load_run(r) for r in runs], title="t", notes=[], generated="now", version="0",
+                          budget=budget).markup
+
+
+@pytest.fixture(scope="module")
+def scan_page(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("explore")
     run = write_scan_run(tmp_path / "s", n_layers=3, n_heads=4, seed=4)
     write_kept(run, 3, 4, [["[CLS]", "a", HOSTILE, "b", "[SEP]", "c", "d", "[SEP]"],
                            ["[CLS]", *[f"w{i}" for i in range(7)], "[SEP]"]])
@@ -188,7 +195,7 @@ def test_patterns_are_within_quantization_error(scan_page):
 def test_causal_patterns_are_detected_from_the_data(tmp_path):
     run = write_scan_run(tmp_path / "dec", n_layers=2, n_heads=2)
     write_kept(run, 2, 2, [["<s>", "a", "b", "c", "d"]], causal=True)
-    page = Page(write_report([run], fmt="html").explore.read_text(encoding="utf-8"))
+    page = Page(explore_markup(run))
     info = page.block("explore-data")["runs"][0]["examples"][0]
     ex = page.block("explore-patterns-0")["examples"][0]
     assert info["causal"] is True
@@ -200,9 +207,9 @@ def test_causal_patterns_are_detected_from_the_data(tmp_path):
 def test_over_the_budget_only_flagged_and_extreme_heads_keep_patterns(tmp_path, monkeypatch):
     run = write_scan_run(tmp_path / "big", n_layers=3, n_heads=4, seed=4)
     write_kept(run, 3, 4, [["[CLS]", *[f"w{i}" for i in range(20)], "[SEP]"]])
-    full = write_report([run], out=tmp_path / "full", fmt="html")
-    full_size = full.explore.stat().st_size
-    assert Page(full.explore.read_text(encoding="utf-8")).block("explore-data")["notice"] is None
+    full = explore_markup(run)
+    full_size = len(full.encode("utf-8"))
+    assert Page(full).block("explore-data")["notice"] is None
     monkeypatch.setattr(explore, "BUDGET_BYTES", full_size - 1)
     result = write_report([run], out=tmp_path / "cut", fmt="html")
     markup = result.explore.read_text(encoding="utf-8")
@@ -224,7 +231,7 @@ def test_refine_run_has_before_and_after_tables_and_two_runs_compare(tmp_path):
     scan = write_scan_run(tmp_path / "a", n_layers=2, n_heads=4)
     refine = write_refine_run(tmp_path / "b", n_layers=2, n_heads=4, epochs=2)
     write_kept(refine, 2, 4, [["[CLS]", "x", "y", "[SEP]"]], stage="after")
-    page = Page(write_report([scan, refine], out=tmp_path / "cmp", fmt="html").explore.read_text(encoding="utf-8"))
+    page = Page(explore_markup(scan, refine))
     data = page.block("explore-data")
     labels = [s["label"] for s in data["sets"]]
     assert [s["stage"] for s in data["sets"]] == [None, "before", "after"]

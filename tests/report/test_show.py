@@ -90,7 +90,7 @@ def test_cli_show_head_view_writes_png_and_page(tiny_bert, tmp_path):
     res = CliRunner().invoke(app, ["show", str(tiny_bert), "--text", HOSTILE, "--pair", PAIR, "--layer", "1",
                                    "--head", "3", "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["head-L1-H3.png", "show.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["explore.html", "head-L1-H3.png", "show.html"]
     assert_png_ok(out / "head-L1-H3.png")
     page = (out / "show.html").read_text(encoding="utf-8")
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
