@@ -1,4 +1,4 @@
-"""attnprobe: attention diagnostics (GTD, entropies, collapse flags) and SAOBP refinement for encoders.
+"""attnprobe: attention diagnostics (GTD, entropies, collapse flags) and SAOBP refinement for encoders and decoders.
 
 This module holds the version, the error type and the public API. It imports nothing heavy: the
 public functions are loaded on first use, so `attnprobe --version` stays fast. Importing it also

@@ -43,8 +43,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", dest="json_out", default=str(ROOT / "bench/results/decoder_smollm2_sst2.json"))
+    p.add_argument("--saobp-rows", type=int, default=200,
+                   help="rows scanned with plain and with bp-high attention switched in (no training)")
+    p.add_argument("--only-saobp", action="store_true", help="skip the timing and the whole-file scan")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only_saobp:
+        loaded = loading.load_model(args.model, device="cpu")
+        saobp_switch_in(loaded, args)
+        return
 
     started = time.time()
     loaded = loading.load_model(args.model, device="cpu")
@@ -113,6 +120,35 @@ def main() -> None:
     summary["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     Path(args.json_out).write_text(json.dumps(summary, indent=2, default=float))
     print(f"  wrote {args.json_out}")
+
+
+def saobp_switch_in(loaded, args) -> None:
+    """First-position and sink mass per layer of the first rows, plain and with bp-high switched in untrained."""
+    from attnprobe import saobp
+
+    plain = attnprobe.scan(loaded.model, data=args.data, tokenizer=loaded.tokenizer, limit=args.saobp_rows,
+                           batch_size=args.batch_size, patterns=0).layers
+    saobp.apply(loaded.model, "bp-high")
+    refined = attnprobe.scan(loaded.model, data=args.data, tokenizer=loaded.tokenizer, limit=args.saobp_rows,
+                             batch_size=args.batch_size, patterns=0).layers
+    saobp.remove(loaded.model)
+    print(f"  first {args.saobp_rows} rows, plain -> bp-high switched in (untrained): per layer")
+    print("  layer  first_mass        sink_mass         dir_ent_norm      bp_shift")
+    rows = []
+    for a, b in zip(plain.itertuples(), refined.itertuples()):
+        rows.append({"layer": int(a.layer), "first_mass": [a.first_mass, b.first_mass],
+                     "sink_mass": [a.sink_mass, b.sink_mass],
+                     "direct_entropy_norm": [a.direct_entropy_norm, b.direct_entropy_norm], "bp_shift": b.bp_shift})
+        print(f"  {a.layer:5d}  {a.first_mass:.3f} -> {b.first_mass:.3f}    {a.sink_mass:.3f} -> {b.sink_mass:.3f}    "
+              f"{a.direct_entropy_norm:.3f} -> {b.direct_entropy_norm:.3f}    {b.bp_shift:.3f}")
+    mean = lambda df, c: float(df[c].mean())  # noqa: E731
+    print(f"  mean over layers: first_mass {mean(plain, 'first_mass'):.3f} -> {mean(refined, 'first_mass'):.3f}, "
+          f"sink_mass {mean(plain, 'sink_mass'):.3f} -> {mean(refined, 'sink_mass'):.3f}")
+    out = Path(args.json_out).with_name(Path(args.json_out).stem + "_saobp.json")
+    out.write_text(json.dumps({"model": args.model, "data": args.data, "rows": args.saobp_rows, "layers": rows,
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=1,
+                              default=float))
+    print(f"  wrote {out}")
 
 
 def checkpoints_special(tokenizer) -> list[int]:

@@ -3,8 +3,11 @@
 Each architecture of tests/tiny_encoders.py is built (2 layers, hidden 32, every 2-D weight from
 N(0, 0.2)), saved with save_pretrained, scanned by attnprobe in float64 at --batch-size 4, and compared
 with a one-sentence-at-a-time eager output_attentions reference in float64 (tests/tiny_encoders.py).
+``--decoders`` does the same for the decoder families of tests/tiny_decoders.py (under the causal definitions)
+and writes their table into the "Decoders" section of --out, leaving the encoders' table as it is.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/survey_models.py --out docs/models.md
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/survey_models.py --decoders --out docs/models.md
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.tiny_encoders import OVERRIDES, SENTENCES, largest_difference, make_encoder, reference_heads  # noqa: E402
 
 
-def survey_one(kind: str, root: Path) -> dict:
+def survey_one(kind: str, root: Path, make=make_encoder, reference=reference_heads) -> dict:
     import attnprobe
     from attnprobe.errors import AttnprobeError
 
     row = {"kind": kind}
     try:
-        folder = make_encoder(kind, root / kind)
+        folder = make(kind, root / kind)
     except Exception as exc:
         row.update(result="not built", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
         return row
@@ -45,7 +48,7 @@ def survey_one(kind: str, root: Path) -> dict:
                heads=meta["model"]["heads"], heads_in_config=meta["model"]["heads_in_config"],
                read_as=meta["model"].get("attention_read_as"))
     try:
-        ref = reference_heads(folder, SENTENCES)
+        ref = reference(folder, SENTENCES)
         row["difference"] = largest_difference(result.heads, ref)
     except Exception as exc:
         row["difference"] = None
@@ -103,11 +106,36 @@ def markdown(rows: list[dict], version: str) -> str:
     return "\n".join(lines)
 
 
+DECODERS_MARK = "## Decoders"
+
+
+def decoders_markdown(rows: list[dict], version: str) -> str:
+    """The "Decoders" section: every decoder family tried, as the encoders' table."""
+    lines = [
+        DECODERS_MARK,
+        "",
+        "Decoder-only language models, surveyed the same way with transformers " + version + " (`bench/survey_models.py",
+        "--decoders`): tiny random causal LMs of tests/tiny_decoders.py (2 layers, hidden 32, 4 query heads; grouped-",
+        "query attention in Llama, Qwen, Mistral, Gemma 2 and Granite, one key/value head in GPT-BigCode, softcapping",
+        "and alternating sliding-window layers in Gemma 2, a sliding window of 4 tokens in Mistral) scanned in float64",
+        "at `--batch-size 4` and compared with a one-sentence-at-a-time eager `output_attentions` reference under the",
+        "causal definitions (docs/method.md, \"Decoders\"). GPT-2 agrees to 1e-16, the others to a few 1e-8 (not traced).",
+        "tests/scanning/test_decoders.py runs every one of them in CI, right- and left-padded. The real decoder of the",
+        "`smollm2-135m` alias (SmolLM2-135M-Instruct, Llama) is measured in docs/benchmarks.md.",
+        "",
+        "| model type | result | backend | padding | heads (config) | max abs diff | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    body = markdown(rows, version).split("|---|---|---|---|---|---|---|\n", 1)[1]
+    return "\n".join(lines) + "\n" + body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--from-json", type=Path, default=None, help="only rewrite --out from rows saved by --json")
+    parser.add_argument("--decoders", action="store_true", help="survey tests/tiny_decoders.py's families instead")
     parser.add_argument("kinds", nargs="*", help="model kinds (default: all in tests/tiny_encoders.py)")
     args = parser.parse_args()
     import torch
@@ -121,17 +149,29 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     rows = []
+    kinds, make, reference = args.kinds or list(OVERRIDES), make_encoder, reference_heads
+    if args.decoders:
+        from tests import tiny_decoders
+
+        kinds, make, reference = args.kinds or list(tiny_decoders.FAMILIES), tiny_decoders.make_decoder, \
+            tiny_decoders.reference_heads
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.kinds or list(OVERRIDES):
+        for kind in kinds:
             t0 = time.time()
-            row = survey_one(kind, Path(tmp))
+            row = survey_one(kind, Path(tmp), make, reference)
             row["seconds"] = round(time.time() - t0, 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    if args.out:
-        args.out.write_text(markdown(rows, transformers.__version__))
+    if args.out and args.decoders:
+        old = args.out.read_text() if args.out.exists() else ""
+        kept = old.split(DECODERS_MARK)[0].rstrip("\n") + "\n\n" if old else ""
+        args.out.write_text(kept + decoders_markdown(rows, transformers.__version__))
+    elif args.out:
+        old = args.out.read_text() if args.out.exists() else ""
+        decoders = DECODERS_MARK + old.split(DECODERS_MARK, 1)[1] if DECODERS_MARK in old else ""
+        args.out.write_text(markdown(rows, transformers.__version__) + ("\n" + decoders if decoders else ""))
 
 
 if __name__ == "__main__":
