@@ -238,7 +238,12 @@ def refine(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default) or masked-lm (pretraining on plain text).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default), masked-lm (pretraining on plain text), question-answering (SQuAD layout) or multiple-choice (HellaSwag, RACE or named columns).")] = None,
+    doc_stride: Annotated[Optional[int], typer.Option("--doc-stride", metavar="TOKENS", help="question-answering: tokens shared by consecutive windows of a long context (default: 32).")] = None,
+    max_answer_length: Annotated[Optional[int], typer.Option("--max-answer-length", metavar="TOKENS", help="question-answering: the most tokens a predicted answer may have (default: 30).")] = None,
+    context_column: Annotated[Optional[str], typer.Option("--context-column", help="multiple-choice: column holding the context.")] = None,
+    question_column: Annotated[Optional[str], typer.Option("--question-column", help="multiple-choice: column holding the question (optional).")] = None,
+    choices_column: Annotated[Optional[str], typer.Option("--choices-column", help="multiple-choice: column holding the list of choices.")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
     tokenizer: TokenizerOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
@@ -248,8 +253,8 @@ def refine(
     patterns: Annotated[Optional[int], typer.Option("--patterns", metavar="N", help="Keep every head's full attention for N eval examples before and after training in patterns.parquet; 0 turns it off (default: 4).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout instead of the table.")] = False,
 ):
-    """Fine-tune MODEL (sequence classification, or masked-LM pretraining) with SAOBP attention; diagnostics
-    before and after."""
+    """Fine-tune MODEL (sequence classification, question answering, multiple choice, or masked-LM pretraining)
+    with SAOBP attention; diagnostics before and after."""
     with _errors():
         from attnprobe.config import RefineConfig, build_config
 
@@ -265,6 +270,8 @@ def refine(
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
             "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
             "diagnose_every": diagnose_every, "report_to": report_to, "patterns": patterns,
+            "doc_stride": doc_stride, "max_answer_length": max_answer_length, "context_column": context_column,
+            "question_column": question_column, "choices_column": choices_column,
         })
         from attnprobe.runtime import outputs
         from attnprobe.training import refine as refine_mod

@@ -24,7 +24,7 @@ else:  # pragma: no cover
 DEFAULT_MODEL = "minilm-l6"
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio")  # refine --report-to: the Trainer's trackers
 VARIANTS = {"baseline": None, "bp-low": 0.5, "bp-high": 0.9}
-TASKS = ("sequence-classification", "masked-lm")
+TASKS = ("sequence-classification", "masked-lm", "question-answering", "multiple-choice")
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,11 @@ class RefineConfig:
     diagnose_every: int | None = None
     report_to: str = "none"
     patterns: int = 4  # keep the full attention of this many eval examples before and after training; 0 = off
+    doc_stride: int = 32  # question answering: tokens shared by consecutive windows of a long context
+    max_answer_length: int = 30  # question answering: the most tokens a predicted answer may have
+    context_column: str | None = None  # multiple choice: the columns of a layout that is not recognized
+    question_column: str | None = None
+    choices_column: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def validate(self) -> RefineConfig:
@@ -146,6 +151,7 @@ class RefineConfig:
             raise AttnprobeError(f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.init is not None and self.task != "masked-lm":
             raise AttnprobeError("--init builds a fresh model to pretrain; use it with --task masked-lm")
+        _check_task_options(self)
         if self.init is not None and self.num_layers is not None:
             raise AttnprobeError("--init sets the number of layers itself (e.g. L4-H256); drop --num-layers")
         if self.report_to not in REPORT_TO:
@@ -239,6 +245,27 @@ class ReportConfig:
         if self.format not in ("html", "png", "both"):
             raise AttnprobeError(f"unknown --format {self.format!r}; choose html, png or both")
         return self
+
+
+def _check_task_options(cfg: RefineConfig) -> None:
+    """The question-answering and multiple-choice options: in range, and only with their task."""
+    if cfg.task != "multiple-choice":
+        for name in ("context_column", "question_column", "choices_column"):
+            if getattr(cfg, name) is not None:
+                raise AttnprobeError(f"--{name.replace('_', '-')} names a multiple-choice column; use it with "
+                                     "--task multiple-choice")
+    if cfg.task == "question-answering":
+        if cfg.max_answer_length < 1:
+            raise AttnprobeError(f"--max-answer-length must be 1 or more (got {cfg.max_answer_length})")
+        if not 0 <= cfg.doc_stride < cfg.max_length // 2:
+            raise AttnprobeError(f"--doc-stride must be in [0, {cfg.max_length // 2}) for --max-length "
+                                 f"{cfg.max_length} (got {cfg.doc_stride})")
+
+
+def _check_patterns(n: int) -> None:
+    if not 0 <= n <= 64:
+        raise AttnprobeError(f"--patterns must be 0 (off) to 64 (got {n}); each kept example holds every "
+                             "head's full attention")
 
 
 def _check_patterns(n: int) -> None:

@@ -1,4 +1,5 @@
-"""Replication grid: do SAOBP variants help small models on SST-2 and RTE, and do they keep deep layers diverse?
+"""Replication grid: do SAOBP variants help small models on SST-2 and RTE (and HellaSwag, SQuAD), and do they keep
+deep layers diverse?
 
 One ``attnprobe.training.refine.refine(RefineConfig(...))`` per configuration (task x layers x variant x seed) on the
 bundled MiniLM (``minilm-l6``, truncated with ``num_layers``), trained on GLUE train files and evaluated
@@ -13,6 +14,11 @@ initialisation (both come from the seed), so the variants are compared on paired
     OMP_NUM_THREADS=2 nohup python bench/replicate.py --results bench/results/replicate.jsonl \\
         --resume-results > /tmp/replicate.log 2>&1 &
     python bench/replicate.py --summarize bench/results/replicate.jsonl
+
+The method's other tasks run with ``--tasks hellaswag squad`` (multiple choice, accuracy; extractive question
+answering, SQuAD exact match and F1) on the files in /work/shared/data/hellaswag and /work/shared/data/squad
+(``--shared-data``); their rows carry ``score`` (accuracy, or F1 for SQuAD) besides the task's own scores, and
+``--summarize`` prints a table of their own for them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ TASKS = {
     "rte": ("RTE/train.tsv", "RTE/dev.tsv", 128),
 }
 VARIANTS = ("baseline", "bp-low", "bp-high")
+SHARED = Path("/work/shared/data")
+OTHER_TASKS = {
+    # name: (refine --task, train file, eval file, the score the summary compares)
+    "hellaswag": ("multiple-choice", "hellaswag/train.jsonl", "hellaswag/dev.jsonl", "accuracy"),
+    "squad": ("question-answering", "squad/train.jsonl", "squad/dev.jsonl", "f1"),
+}
 
 
 def key_of(row: dict) -> tuple:
@@ -69,9 +81,52 @@ def layer_profile(diagnostics, epoch: float) -> dict[str, list]:
     return out
 
 
+def run_other(task: str, layers: int, variant: str, seed: int, args) -> dict:
+    """One HellaSwag or SQuAD run: the task's scores, the paired score, the last layers' diagnostics."""
+    from attnprobe.config import RefineConfig
+    from attnprobe.training.refine import refine
+
+    kind, train, dev, score = OTHER_TASKS[task]
+    out = Path(args.runs_dir) / f"{task}-L{layers}-{variant}-s{seed}"
+    cfg = RefineConfig(
+        model=args.model, train=str(args.shared_data / train), eval=str(args.shared_data / dev), out=str(out),
+        task=kind, variant=variant, num_layers=layers, epochs=args.other_epochs, lr=args.other_lr,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        max_length=args.hellaswag_max_length if task == "hellaswag" else args.squad_max_length,
+        doc_stride=args.squad_doc_stride, seed=seed, device="cpu", overwrite=True, checkpoints=args.keep_runs,
+        max_train_samples=(args.hellaswag_train_samples if task == "hellaswag" else args.squad_train_samples) or None,
+        max_eval_samples=(args.hellaswag_eval_samples if task == "hellaswag" else None) or None, patterns=0)
+    t0 = time.time()
+    result = refine(cfg)
+    wall = time.time() - t0
+    diag = result.diagnostics
+    epochs_seen = sorted(float(e) for e in diag["epoch"].unique())
+    before, after = layer_profile(diag, epochs_seen[0]), layer_profile(diag, epochs_seen[-1])
+    final, hist = result.meta["final"], result.history
+    row = {
+        "task": task, "layers": layers, "variant": variant, "seed": seed, "score": final[score],
+        **{k: v for k, v in final.items()}, "score_epoch0": float(hist.iloc[0][score]),
+        "last_direct_entropy_norm": after["direct_entropy_norm"][-1], "last_gtd": after["gtd"][-1],
+        "last_direct_entropy_norm_epoch0": before["direct_entropy_norm"][-1],
+        "last_gtd_epoch0": before["gtd"][-1], "profile_epoch0": before, "profile_final": after,
+        "train": result.meta["data"]["train"], "eval": result.meta["data"]["eval"],
+        "max_length": result.meta["data"]["max_length"], "epochs": args.other_epochs, "lr": args.other_lr,
+        "batch_size": args.batch_size, "steps": result.meta["steps"], "wall_time_s": round(wall, 2),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "run_dir": str(out),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if not args.keep_runs:
+        for sub in ("model", "checkpoints"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    return row
+
+
 def run_one(task: str, layers: int, variant: str, seed: int, args) -> dict:
     from attnprobe.config import RefineConfig
     from attnprobe.training.refine import refine
+
+    if task in OTHER_TASKS:
+        return run_other(task, layers, variant, seed, args)
 
     train, dev, default_len = TASKS[task]
     max_length = args.sst2_max_length if task == "sst2" else args.rte_max_length
@@ -142,8 +197,10 @@ def run_grid(args) -> int:
         row = run_one(task, layers, variant, seed, args)
         with results.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"[{i}/{len(todo)}] {task} L{layers} {variant} seed {seed}: acc {row['accuracy']:.4f} "
-              f"mcc {row['mcc']:.3f} last-layer H {row['last_direct_entropy_norm']:.3f} "
+        scores = (f"acc {row['accuracy']:.4f} mcc {row['mcc']:.3f}" if task in TASKS else
+                  " ".join(f"{k} {v:.4f}" for k, v in row.items() if k in ("accuracy", "exact_match", "f1")))
+        print(f"[{i}/{len(todo)}] {task} L{layers} {variant} seed {seed}: {scores} "
+              f"last-layer H {row['last_direct_entropy_norm']:.3f} "
               f"gtd {row['last_gtd']:.3f} ({row['wall_time_s']:.0f} s, total {time.time() - started:.0f} s)",
               flush=True)
     print(f"done in {time.time() - started:.0f} s", flush=True)
@@ -163,8 +220,52 @@ def _std(xs):
     return statistics.stdev(xs) if len(xs) > 1 else math.nan
 
 
+def _paired(values: list[float]) -> str:
+    """``mean ± std`` of paired differences (in the score's unit), with the paired t where it is defined."""
+    if len(values) > 1 and _std(values) > 0:
+        return f"{_mean(values):+.2f} ± {_std(values):.2f} (t = {_mean(values) / (_std(values) / math.sqrt(len(values))):.1f})"
+    return f"{_mean(values):+.2f}"
+
+
+def summarize_other(rows: list[dict]) -> str:
+    """The HellaSwag / SQuAD table: scores in %, paired differences to the baseline of the same size and seed."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["task"], int(r["layers"]), r["variant"]), []).append(r)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    lines = ["| task | layers | variant | seeds | score (mean ± std) | Δ score vs baseline (paired) | exact match "
+             "| Δ EM | last-layer H_dir norm: epoch 0 → final | Δ H | last-layer GTD: epoch 0 → final | Δ GTD "
+             "| wall s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(cells, key=lambda k: (k[0], k[1], order.get(k[2], 9))):
+        rs = cells[k]
+        scale = 100.0 if k[0] == "hellaswag" else 1.0  # accuracy is a fraction, SQuAD scores are percentages
+        bseed = {r["seed"]: r for r in cells.get((k[0], k[1], "baseline"), [])}
+        pairs = [(r, bseed[r["seed"]]) for r in rs if r["seed"] in bseed and k[2] != "baseline"]
+        em = [r.get("exact_match") for r in rs]
+
+        def diff(key, factor=1.0):
+            return _paired([factor * (a[key] - b[key]) for a, b in pairs]) if pairs else "—"
+
+        lines.append(
+            f"| {k[0]} | {k[1]} | {k[2]} | {len(rs)} | {scale * _mean([r['score'] for r in rs]):.2f} ± "
+            f"{scale * _std([r['score'] for r in rs]):.2f} | {diff('score', scale)} "
+            f"| {_mean(em):.2f} | {diff('exact_match') if k[0] == 'squad' else '—'} "
+            f"| {_mean([r['last_direct_entropy_norm_epoch0'] for r in rs]):.3f} → "
+            f"{_mean([r['last_direct_entropy_norm'] for r in rs]):.3f} | {diff('last_direct_entropy_norm')} "
+            f"| {_mean([r['last_gtd_epoch0'] for r in rs]):.3f} → {_mean([r['last_gtd'] for r in rs]):.3f} "
+            f"| {diff('last_gtd')} | {_mean([r['wall_time_s'] for r in rs]):.0f} |")
+    lines.append("")
+    lines.append("Score: HellaSwag accuracy, SQuAD F1 (both %). Δ = paired difference to the baseline of the same "
+                 "task, size and seed, mean ± std over seeds, with the paired t (df = seeds - 1).")
+    return "\n".join(lines)
+
+
 def summarize(path: Path, markdown: bool = True) -> str:
     rows = read_results(path)
+    other = [r for r in rows if r["task"] in OTHER_TASKS]
+    rows = [r for r in rows if r["task"] not in OTHER_TASKS]
+    if not rows:
+        return summarize_other(other)
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["task"], int(r["layers"]), r["variant"]), []).append(r)
@@ -223,6 +324,8 @@ def summarize(path: Path, markdown: bool = True) -> str:
         gs = [_mean([r["profile_final"]["gtd"][i] for r in rs]) for i in range(n)]
         lines.append(f"| {k[0]} | {n} | {k[2]} | {' '.join(f'{x:.3f}' for x in hs)} "
                      f"| {' '.join(f'{x:.3f}' for x in gs)} |")
+    if other:
+        lines += ["", summarize_other(other)]
     return "\n".join(lines)
 
 
@@ -235,7 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-runs", action="store_true", help="keep model/ and checkpoints/ of each run")
     p.add_argument("--glue", type=Path, default=GLUE, help="folder with SST-2/ and RTE/")
     p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=[*TASKS, *OTHER_TASKS])
+    p.add_argument("--shared-data", type=Path, default=SHARED, help="folder with hellaswag/ and squad/")
+    p.add_argument("--other-epochs", type=float, default=1.0, help="epochs of the hellaswag and squad runs")
+    p.add_argument("--other-lr", type=float, default=2e-4, help="learning rate of the hellaswag and squad runs")
+    p.add_argument("--hellaswag-train-samples", type=int, default=240, help="seeded subsample (0: all 7,066)")
+    p.add_argument("--hellaswag-eval-samples", type=int, default=160, help="seeded subsample (0: all 1,970)")
+    p.add_argument("--hellaswag-max-length", type=int, default=40)
+    p.add_argument("--squad-train-samples", type=int, default=240, help="seeded subsample (0: all 705)")
+    p.add_argument("--squad-max-length", type=int, default=96)
+    p.add_argument("--squad-doc-stride", type=int, default=24)
     p.add_argument("--layers", nargs="+", type=int, default=[2, 4, 6])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -1,4 +1,5 @@
-"""Turning a data file's bytes into batches of raw cell values, for each format: txt, csv, tsv, jsonl, parquet.
+"""Turning a data file's bytes into batches of raw cell values, for each format: txt, csv, tsv, jsonl, parquet,
+and a folder written by Hugging Face ``datasets``' ``save_to_disk`` (``arrow``).
 
 Batches are read one at a time so memory holds one batch; text is decoded line by line so an encoding error
 names its line, and the bytes read are hashed on the way. This module does not choose columns, clean values
@@ -136,6 +137,37 @@ def _parquet_error(name: str, exc: BaseException) -> AttnprobeError:
                           "pandas.DataFrame.to_parquet or pyarrow, or pass a .csv/.jsonl file")
 
 
+def dataset_files(folder: str) -> list[str]:
+    """The Arrow files of a ``save_to_disk`` folder in order: ``state.json``'s ``_data_files`` where it
+    lists them, else ``data-*.arrow`` sorted by name. Each is an Arrow IPC stream."""
+    from pathlib import Path
+
+    root = Path(folder)
+    try:
+        state = json.loads((root / "state.json").read_text(encoding="utf-8"))
+        names = [f["filename"] for f in state.get("_data_files", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    files = [str(root / n) for n in names] or sorted(str(p) for p in root.glob("data-*.arrow"))
+    if not files:
+        raise AttnprobeError(f"{folder} holds no data-*.arrow files; pass a folder written by "
+                             "datasets' save_to_disk, or a data file")
+    return files
+
+
+def _arrow_streams(folder: str):
+    """``(file, pyarrow.ipc reader)`` per Arrow file of a ``save_to_disk`` folder."""
+    import pyarrow as pa
+
+    for path in dataset_files(folder):
+        try:
+            with pa.memory_map(path) as source:
+                yield path, pa.ipc.open_stream(source)
+        except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+            raise AttnprobeError(f"{path} is not a readable Arrow stream ({first_line(exc)}); "
+                                 "write the folder with datasets' save_to_disk") from None
+
+
 def file_sha256(path: str) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -156,6 +188,18 @@ class FormatReader:
         self._open_bytes = open_bytes
         self._sha: str | None = None
 
+    def _arrow_columns(self) -> list[str]:
+        names, rows = None, 0
+        for _, reader in _arrow_streams(self.path):
+            names = names or list(reader.schema.names)
+            rows += sum(batch.num_rows for batch in reader)
+            if rows:
+                break
+        if not rows:
+            raise AttnprobeError(f"{self.name} has no rows (columns: {list_names(names or [])}); "
+                                 "pass a data set with data")
+        return names
+
     def _parquet(self):
         import pyarrow.parquet as pq
 
@@ -170,6 +214,8 @@ class FormatReader:
         Reads only the start of the file: the header, the Parquet footer, or the first
         ``PEEK_JSON_OBJECTS`` objects of a .jsonl file (whose keys, in order of appearance, are its columns).
         """
+        if self.fmt == "arrow":
+            return self._arrow_columns()
         if self.fmt == "parquet":
             with self._parquet() as pf:
                 names, num_rows = list(pf.schema_arrow.names), pf.metadata.num_rows
@@ -199,6 +245,13 @@ class FormatReader:
     def batches(self, cols: Sequence[str], rows: int) -> Iterator[dict[str, list]]:
         """The raw values of ``cols`` (a missing .jsonl key gives None), ``rows`` data rows at a time.
         .txt lines are rows (blank ones too); blank .jsonl lines are not."""
+        if self.fmt == "arrow":
+            for _, reader in _arrow_streams(self.path):
+                for batch in reader:
+                    for start in range(0, batch.num_rows, rows):
+                        part = batch.slice(start, rows)
+                        yield {c: part.column(c).to_pylist() for c in cols}
+            return
         if self.fmt == "parquet":
             with self._parquet() as pf:
                 try:
@@ -223,6 +276,8 @@ class FormatReader:
 
     def sha256(self) -> str | None:
         """The file's sha256: from the last complete pass of ``batches``, else from a pass of its own."""
-        if self._sha is None and self.path is not None:
+        if self._sha is None and self.path is not None and self.fmt == "arrow":  # the data files' hashes, hashed
+            self._sha = hashlib.sha256("".join(file_sha256(f) for f in dataset_files(self.path)).encode()).hexdigest()
+        elif self._sha is None and self.path is not None:
             self._sha = file_sha256(self.path)
         return self._sha

@@ -31,7 +31,8 @@ PAIR_COLUMNS = {"sentence1": ("sentence2",), "question": ("passage", "sentence",
 LABEL_COLUMNS = ("label", "labels", "gold_label", "target", "class", "category")
 SAMPLE_CORPUS = "sample_corpus.tsv"
 _INTEGER = re.compile(r"[+-]?\d+")
-_KNOWN_FORMATS = ".txt (one text per line), .csv, .tsv, .jsonl/.ndjson or .parquet/.pq"
+_KNOWN_FORMATS = (".txt (one text per line), .csv, .tsv, .jsonl/.ndjson or .parquet/.pq, or a folder written by "
+                  "datasets' save_to_disk")
 
 
 @dataclass
@@ -239,13 +240,16 @@ def open_source(path: str | None = None, texts: Sequence[str] = (), *, text_colu
         name, p = str(path), Path(path)
         if not p.exists():
             raise AttnprobeError(f"data file {name} does not exist; check the path")
-        if not p.is_file():
+        if p.is_dir():
+            fmt = dataset_folder(name)
+        elif not p.is_file():
             raise AttnprobeError(f"{name} is not a file; pass a data file: {_KNOWN_FORMATS}")
-        fmt = FORMATS.get(p.suffix.lower())
+        else:
+            fmt = FORMATS.get(p.suffix.lower())
         if fmt is None:
             raise AttnprobeError(f"{name} has an unknown extension {p.suffix or '(none)'!r}; "
                                  f"pass a {_KNOWN_FORMATS} file")
-        if p.stat().st_size == 0:
+        if fmt != "arrow" and p.stat().st_size == 0:
             raise AttnprobeError(f"{name} is empty; pass a file with at least one text")
         file_path = name
         reader = FormatReader(fmt, name, lambda: open(p, "rb"), file_path, encoding)
@@ -253,8 +257,52 @@ def open_source(path: str | None = None, texts: Sequence[str] = (), *, text_colu
     text, pair, label = _resolve_columns(name, columns, text_column, text_pair_column, label_column,
                                          need_labels)
     return TextSource(name, file_path, fmt, columns, text, pair, label,
-                      None if fmt == "parquet" else encoding, reader=reader, pairs_optional=path is None,
+                      None if fmt in ("parquet", "arrow") else encoding, reader=reader, pairs_optional=path is None,
                       need_labels=need_labels)
+
+
+def dataset_folder(name: str) -> str:
+    """``"arrow"`` for a folder saved with ``datasets``' ``save_to_disk`` (``state.json`` and ``data-*.arrow``
+    files); a one-line error for a folder of splits (``dataset_dict.json``) or any other folder."""
+    p = Path(name)
+    if (p / "dataset_dict.json").is_file():
+        splits = sorted(c.name for c in p.iterdir() if c.is_dir())
+        raise AttnprobeError(f"{name} holds several splits ({list_names(splits)}); pass one of them, "
+                             f"e.g. {p / (splits[0] if splits else 'train')}")
+    if (p / "state.json").is_file() or any(p.glob("data-*.arrow")):
+        return "arrow"
+    raise AttnprobeError(f"{name} is not a file, nor a folder written by datasets' save_to_disk (no state.json or "
+                         f"data-*.arrow); pass a data file: {_KNOWN_FORMATS}")
+
+
+def read_rows(path: str, columns: Sequence[str] | None = None, *,
+              encoding: str = "utf-8") -> tuple[list[str], list[dict], dict]:
+    """Every row of a .jsonl, .csv/.tsv, .parquet file or ``save_to_disk`` folder as a dict of raw values
+    (lists and nested records as Python lists and dicts), for tasks whose rows are not one text and a label.
+
+    Returns ``(columns of the file, rows, stats)``; ``columns`` picks which to read (default all).
+    """
+    name, p = str(path), Path(path)
+    if not p.exists():
+        raise AttnprobeError(f"data file {name} does not exist; check the path")
+    if p.is_dir():
+        fmt = dataset_folder(name)
+    else:
+        fmt = FORMATS.get(p.suffix.lower())
+        if fmt is None or fmt == "txt":
+            raise AttnprobeError(f"{name} has an unsupported extension {p.suffix or '(none)'!r} here; pass a .jsonl, "
+                                 ".json, .parquet or .csv/.tsv file, or a folder written by datasets' save_to_disk")
+        if p.stat().st_size == 0:
+            raise AttnprobeError(f"{name} is empty; pass a file with data")
+    reader = FormatReader(fmt, name, lambda: open(p, "rb"), name, encoding)
+    found = reader.columns()
+    wanted = [c for c in (columns or found) if c in found]
+    rows: list[dict] = []
+    for batch in reader.batches(wanted, 2048):
+        rows += [dict(zip(wanted, values)) for values in zip(*(batch[c] for c in wanted))]
+    stats = {"name": name, "path": name, "format": fmt, "rows_read": len(rows), "sha256": reader.sha256(),
+             "encoding": None if fmt in ("parquet", "arrow") else encoding}
+    return found, rows, stats
 
 
 def _open_sample() -> BinaryIO:

@@ -73,10 +73,18 @@ def print_summary(result, console) -> None:
     if s["task"] == "masked-lm":
         console.print(f"perplexity {_fmt(s['perplexity']['before'])} -> {_fmt(final['perplexity'])}, "
                       f"eval loss {_fmt(final['eval_loss'])} (masked-LM, nats per predicted token)")
+    elif s["task"] == "question-answering":
+        first = result.history.iloc[0] if len(result.history) else {}
+        console.print(f"exact match {_fmt(first.get('exact_match'))} -> {_fmt(final['exact_match'])}, "
+                      f"F1 {_fmt(first.get('f1'))} -> {_fmt(final['f1'])} (SQuAD, %), eval loss {_fmt(final['eval_loss'])}")
+    elif s["task"] == "multiple-choice":
+        console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
+                      f"eval loss {_fmt(final['eval_loss'])}")
     else:
         console.print(f"accuracy {_fmt(s['accuracy']['before'])} -> {_fmt(final['accuracy'])}, "
                       f"F1 {_fmt(final['f1'])}, MCC {_fmt(final['mcc'])}, eval loss {_fmt(final['eval_loss'])}")
     kept = ", patterns.parquet" if result.meta.get("patterns") else ""
+    kept += ", predictions.jsonl" if getattr(result, "predictions", None) is not None else ""
     console.print(f"wrote {s['out_dir']}/ (model/, history.parquet, diagnostics.parquet{kept}, run.json)")
 
 
