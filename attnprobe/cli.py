@@ -21,7 +21,7 @@ from attnprobe.version import __version__
 
 app = typer.Typer(
     name="attnprobe",
-    help="Attention diagnostics for Transformer encoders: GTD, attention entropy, collapse flags, SAOBP.",
+    help="Attention diagnostics for Transformer encoders and decoders: GTD, attention entropy, collapse flags, SAOBP.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -40,6 +40,7 @@ NumLayers = Annotated[Optional[int], typer.Option("--num-layers", help="Keep onl
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per batch (default: 32).")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Truncate sequences to this many tokens.")]
 Hops = Annotated[Optional[int], typer.Option("--hops", help="K of the multi-hop attention (2 = A @ A) (default: 2).")]
+SampleQueries = Annotated[Optional[int], typer.Option("--sample-queries", metavar="N", help="Estimate GTD and the indirect entropies from N query rows per sequence and head, with standard errors (*_se); exact where a sequence has N rows or fewer. For long sequences. Default: exact.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: auto).")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16 (default: float32); metrics are float32 or better.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
@@ -131,6 +132,7 @@ def scan(
     dtype: Dtype = None,
     per_example: Annotated[Optional[bool], typer.Option("--per-example/--no-per-example", help="Also write examples.parquet (one row per example, layer, head).")] = None,
     patterns: Annotated[Optional[int], typer.Option("--patterns", metavar="N", help="Keep every head's full attention for N short examples in patterns.parquet; 0 turns it off (default: 4).")] = None,
+    sample_queries: SampleQueries = None,
     compile: Annotated[Optional[str], typer.Option("--compile", metavar="on|off", help="on: compile the per-block metrics with torch.compile, checked against the plain ones at start-up and kept only if they agree and are faster (pays on long scans; the first compile takes a minute). Default: off.")] = None,
     seed: Seed = None,
     allow_pickle: AllowPickle = None,
@@ -153,7 +155,7 @@ def scan(
             "out": str(out) if out else None, "text_column": text_column, "text_pair_column": text_pair_column,
             "encoding": encoding, "num_layers": num_layers, "hops": hops, "batch_size": batch_size,
             "max_length": max_length, "limit": limit, "device": device, "dtype": dtype, "per_example": per_example,
-            "patterns": patterns, "compile": compile, "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "patterns": patterns, "compile": compile, "sample_queries": sample_queries, "seed": seed, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
             "tokenizer": tokenizer,
             "thresholds.entropy_collapse": entropy_collapse, "thresholds.low_gtd": low_gtd,
             "thresholds.high_gtd": high_gtd, "thresholds.sink": sink, "thresholds.diffuse": diffuse,
@@ -230,6 +232,7 @@ def refine(
     max_train_samples: Annotated[Optional[int], typer.Option("--max-train-samples", help="Use at most N training rows (seeded sample).")] = None,
     max_eval_samples: Annotated[Optional[int], typer.Option("--max-eval-samples", help="Use at most N evaluation rows.")] = None,
     hops: Hops = None,
+    sample_queries: SampleQueries = None,
     device: Device = None,
     dtype: Dtype = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out from its last checkpoint.")] = None,
@@ -238,13 +241,13 @@ def refine(
     allow_pickle: AllowPickle = None,
     trust_remote_code: TrustRemote = None,
     overwrite: Overwrite = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default), masked-lm (pretraining on plain text), question-answering (SQuAD layout) or multiple-choice (HellaSwag, RACE or named columns).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sequence-classification (default), masked-lm (pretraining on plain text), causal-lm (next-token training of a decoder on plain text), question-answering (SQuAD layout) or multiple-choice (HellaSwag, RACE or named columns).")] = None,
     doc_stride: Annotated[Optional[int], typer.Option("--doc-stride", metavar="TOKENS", help="question-answering: tokens shared by consecutive windows of a long context (default: 32).")] = None,
     max_answer_length: Annotated[Optional[int], typer.Option("--max-answer-length", metavar="TOKENS", help="question-answering: the most tokens a predicted answer may have (default: 30).")] = None,
     context_column: Annotated[Optional[str], typer.Option("--context-column", help="multiple-choice: column holding the context.")] = None,
     question_column: Annotated[Optional[str], typer.Option("--question-column", help="multiple-choice: column holding the question (optional).")] = None,
     choices_column: Annotated[Optional[str], typer.Option("--choices-column", help="multiple-choice: column holding the list of choices.")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Train from scratch: a fresh model of MODEL's family, tiny|mini|small|medium|L{n}-H{n} (masked-lm, causal-lm).")] = None,
     tokenizer: TokenizerOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train for this many optimizer steps (overrides --epochs).")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", help="Evaluate, diagnose and checkpoint every STEPS steps instead of every epoch.")] = None,
@@ -265,7 +268,7 @@ def refine(
             "label_column": label_column, "encoding": encoding, "num_layers": num_layers, "epochs": epochs,
             "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "max_train_samples": max_train_samples,
-            "max_eval_samples": max_eval_samples, "hops": hops, "device": device, "dtype": dtype, "resume": resume,
+            "max_eval_samples": max_eval_samples, "hops": hops, "sample_queries": sample_queries, "device": device, "dtype": dtype, "resume": resume,
             "checkpoints": checkpoints, "group_by_length": group_by_length, "allow_pickle": allow_pickle,
             "trust_remote_code": trust_remote_code, "overwrite": overwrite,
             "task": task, "init": init, "tokenizer": tokenizer, "max_steps": max_steps, "eval_every": eval_every,
@@ -327,6 +330,7 @@ def show(
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH_OR_ALIAS", help="Take the tokenizer from this folder or alias.")] = None,
     num_layers: NumLayers = None,
     hops: Hops = None,
+    sample_queries: SampleQueries = None,
     device: Device = None,
     dtype: Dtype = None,
     allow_pickle: AllowPickle = None,
@@ -340,7 +344,7 @@ def show(
 
         values = {"model": model, "text": text, "pair": pair, "layers": tuple(layer) if layer else None,
                   "heads": tuple(head) if head else None, "out": str(out) if out else None, "format": fmt,
-                  "max_tokens": max_tokens, "tokenizer": tokenizer, "num_layers": num_layers, "hops": hops,
+                  "max_tokens": max_tokens, "tokenizer": tokenizer, "num_layers": num_layers, "hops": hops, "sample_queries": sample_queries,
                   "device": device, "dtype": dtype, "allow_pickle": allow_pickle,
                   "trust_remote_code": trust_remote_code}
         cfg = replace(ShowConfig(), **{k: v for k, v in values.items() if v is not None}).validate()
@@ -367,7 +371,7 @@ def show(
 def models_cmd():
     """List the bundled model aliases and where each comes from."""
     with _errors():
-        from attnprobe.models.checkpoints import ALIASES, alias_path
+        from attnprobe.models.checkpoints import ALIASES, alias_source
         from rich.table import Table
 
         table = Table(title="attnprobe model aliases")
@@ -375,9 +379,9 @@ def models_cmd():
             table.add_column(col)
         for alias in ALIASES.values():
             try:
-                where = str(alias_path(alias))
+                where = str(alias_source(alias)) + (" (converted on first use)" if alias.gguf else "")
             except AttnprobeError:
-                where = f"not installed: pip install {alias.pip_name}"
+                where = f"not installed: {alias.install or 'pip install ' + alias.pip_name}"
             table.add_row(alias.name, alias.description, where)
         console = _console()
         console.print(table)

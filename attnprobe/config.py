@@ -24,7 +24,7 @@ else:  # pragma: no cover
 DEFAULT_MODEL = "minilm-l6"
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio")  # refine --report-to: the Trainer's trackers
 VARIANTS = {"baseline": None, "bp-low": 0.5, "bp-high": 0.9}
-TASKS = ("sequence-classification", "masked-lm", "question-answering", "multiple-choice")
+TASKS = ("sequence-classification", "masked-lm", "question-answering", "multiple-choice", "causal-lm")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class ScanConfig:
     per_example: bool = False
     patterns: int = 4  # keep the full attention of this many short examples (patterns.parquet); 0 = off
     compile: str = "off"  # "on": the compiled per-block metrics where they check out (fused.py)
+    sample_queries: int | None = None  # the multi-hop metrics from N sampled query rows per sequence and head
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -85,6 +86,7 @@ class ScanConfig:
             raise AttnprobeError("pass either --data FILE or --text TEXT, not both")
         if self.compile not in ("off", "on"):
             raise AttnprobeError(f"--compile must be on or off (got {self.compile!r})")
+        _check_sample_queries(self.sample_queries)
         _check_patterns(self.patterns)
         self.thresholds.validate()
         return self
@@ -120,6 +122,7 @@ class RefineConfig:
     max_eval_samples: int | None = None
     eval_split: float = 0.1
     hops: int = 2
+    sample_queries: int | None = None  # diagnostics: multi-hop metrics from N sampled rows (ScanConfig)
     device: str = "auto"
     dtype: str = "float32"
     resume: bool = False
@@ -149,9 +152,10 @@ class RefineConfig:
             raise AttnprobeError("refine needs --train FILE (a labelled .tsv/.csv/.jsonl/.parquet file)")
         if self.task not in TASKS:
             raise AttnprobeError(f"unknown --task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.init is not None and self.task != "masked-lm":
-            raise AttnprobeError("--init builds a fresh model to pretrain; use it with --task masked-lm")
+        if self.init is not None and self.task not in ("masked-lm", "causal-lm"):
+            raise AttnprobeError("--init builds a fresh model to pretrain; use it with --task masked-lm or causal-lm")
         _check_task_options(self)
+        _check_sample_queries(self.sample_queries)
         if self.init is not None and self.num_layers is not None:
             raise AttnprobeError("--init sets the number of layers itself (e.g. L4-H256); drop --num-layers")
         if self.report_to not in REPORT_TO:
@@ -202,6 +206,7 @@ class ShowConfig:
     max_tokens: int = 64
     num_layers: int | None = None
     hops: int = 2
+    sample_queries: int | None = None  # multi-hop metrics from N sampled query rows (ScanConfig)
     device: str = "auto"
     dtype: str = "float32"
     allow_pickle: bool = False
@@ -212,6 +217,7 @@ class ShowConfig:
     def validate(self) -> ShowConfig:
         if not self.text or not self.text.strip():
             raise AttnprobeError("show needs --text TEXT (the sentence to draw; --pair adds a second one)")
+        _check_sample_queries(self.sample_queries)
         if self.format not in ("html", "png", "both"):
             raise AttnprobeError(f"unknown --format {self.format!r}; choose html, png or both")
         if self.max_tokens < 2:
@@ -268,10 +274,9 @@ def _check_patterns(n: int) -> None:
                              "head's full attention")
 
 
-def _check_patterns(n: int) -> None:
-    if not 0 <= n <= 64:
-        raise AttnprobeError(f"--patterns must be 0 (off) to 64 (got {n}); each kept example holds every "
-                             "head's full attention")
+def _check_sample_queries(n: int | None) -> None:
+    if n is not None and n < 2:
+        raise AttnprobeError(f"--sample-queries must be 2 or more (got {n}): a standard error needs two rows")
 
 
 def _check_common(cfg: Any) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from attnprobe.capture.probe import Probe, capturing
+from attnprobe.capture.probe import COUNT_KEYS, VAR_KEYS, Probe, capturing
 
 
 class EvalProbe:
@@ -108,6 +108,9 @@ class EvalProbe:
         sums, self._sums = self._sums, None
         if sums is None or self.sequences == 0:
             return None
+        some = next(iter(sums.values()))
+        for key in (*COUNT_KEYS, *VAR_KEYS):  # the keys Probe.totals() has, 0 where no block reported them
+            sums.setdefault(key, torch.zeros_like(some))
         return sums
 
 

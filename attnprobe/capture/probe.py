@@ -16,13 +16,14 @@ from collections.abc import Iterator
 
 import torch
 
-from attnprobe.formulas import blocks, metrics
+from attnprobe.formulas import blocks, metrics, sampling
 
 _ACTIVE: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("attnprobe_probe", default=None)
 
 
 SUM_KEYS = (*metrics.QUERY_METRICS, "bp_shift")
 COUNT_KEYS = ("queries", "nonfinite", "sink_weighted", "sink_weight", "unscored")
+VAR_KEYS = tuple(f"{name}_var" for name in sampling.SAMPLED)  # variances of the sampled sums (0: exact)
 
 
 def _assemble(parts, key: str) -> torch.Tensor:
@@ -73,10 +74,15 @@ class Probe:
         metric_dtype: dtype the metrics are computed in (float32 or float64); lower-precision
             attention is upcast.
         num_heads: heads per layer, if known (lets ``totals()`` exist before any batch).
+        sample_queries: estimate the multi-hop metrics from this many query rows per sequence and head
+            (formulas/sampling.py); None: exact. A block whose sequences all have this many scored rows or
+            fewer is computed exactly.
+        seed: seeds the row draws of ``sample_queries``.
     """
 
     def __init__(self, num_layers: int, hops: int = 2, per_example: bool = False,
-                 metric_dtype: torch.dtype = torch.float32, num_heads: int | None = None):
+                 metric_dtype: torch.dtype = torch.float32, num_heads: int | None = None,
+                 sample_queries: int | None = None, seed: int = 0):
         self.num_layers = num_layers
         self.hops = hops
         self.per_example = per_example
@@ -97,6 +103,8 @@ class Probe:
         self.reuse_buffers = False
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.block_fn = blocks.block_sums  # the per-block metrics: (probs, keep, special, hops, plain, scores, scratch)
+        self.sample_queries = sample_queries
+        self.generator = torch.Generator().manual_seed(seed) if sample_queries else None
         self._scratch = blocks.Scratch()
         if num_heads is not None:
             self._init_totals(num_heads)
@@ -158,17 +166,25 @@ class Probe:
         parts = []
         limit = blocks.CHUNK_ELEMENTS if probs.device.type == "cpu" else blocks.DEVICE_CHUNK_ELEMENTS
         if allowed is not None:
-            allowed = allowed.to(probs.device).expand(B, Q, K)
+            allowed = allowed.to(probs.device).expand(B, Q, K) & keep[:, None, :]
+        rows = (keep.sum(-1) if allowed is None else metrics.scored_rows(keep, allowed).sum(-1))  # (B,)
         for b0, b1, h0, h1 in blocks.blocks(B, H, Q * K, limit):
             pl = plain[b0:b1, h0:h1].to(self.metric_dtype) if plain is not None else None
             block = probs[b0:b1, h0:h1].to(self.metric_dtype)
             spec = special[b0:b1] if special is not None else None
-            if allowed is not None:
+            if self.sample_queries and int(rows[b0:b1].max()) > self.sample_queries:
+                sums = sampling.sampled_block_sums(block, keep[b0:b1], self.sample_queries, spec, self.hops, pl,
+                                                   None if allowed is None else allowed[b0:b1], self.generator,
+                                                   self._scratch)
+            elif allowed is not None:
                 sums = blocks.masked_block_sums(block, keep[b0:b1], allowed[b0:b1], spec, self.hops, pl,
                                                 self._scratch)
             else:
                 sc = scores[b0:b1, h0:h1] if scores is not None else None
                 sums = self.block_fn(block, keep[b0:b1], spec, self.hops, pl, sc, self._scratch)
+            if self.sample_queries:  # exact blocks of a sampled scan: variance 0, so that every block has the keys
+                for key in VAR_KEYS:
+                    sums.setdefault(key, torch.zeros_like(sums["queries"]))
             parts.append(((b0, h0), sums))
         sums = {k: _assemble(parts, k).cpu() for k in parts[0][1]}  # each (B, H)
         if "bp_shift" not in sums:
@@ -180,7 +196,7 @@ class Probe:
     def _init_totals(self, num_heads: int) -> None:
         self.num_heads = num_heads
         shape = (self.num_layers, num_heads)
-        self._totals = {k: torch.zeros(shape, dtype=torch.float64) for k in (*SUM_KEYS, *COUNT_KEYS)}
+        self._totals = {k: torch.zeros(shape, dtype=torch.float64) for k in (*SUM_KEYS, *COUNT_KEYS, *VAR_KEYS)}
         self._totals["bp_shift"] = torch.full(shape, float("nan"), dtype=torch.float64)
 
     def end(self) -> dict[str, torch.Tensor] | None:
@@ -228,4 +244,8 @@ def means(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["sink_mass"] = torch.where(w > 0, sums["sink_weighted"] / w.clamp_min(1.0), float("nan"))
     out["queries"] = q
     out["nonfinite"] = sums["nonfinite"]
+    for name in sampling.SAMPLED:  # standard errors of the sampled means (0 where exact)
+        var = sums.get(f"{name}_var")
+        var = torch.zeros_like(q) if var is None else var
+        out[f"{name}_se"] = torch.where(q > 0, var.clamp_min(0.0).sqrt() / q.clamp_min(1.0), float("nan"))
     return out

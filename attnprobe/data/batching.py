@@ -24,18 +24,37 @@ class Encoded:
     short: int = 0
 
 
+def _hard_limit(loaded) -> tuple[int | None, str]:
+    """The longest sequence the model itself takes, and why: its position embeddings (less the slots a
+    RoBERTa-style model reserves) or the local window of a decoder read through output_attentions."""
+    pos = getattr(loaded.model.config, "max_position_embeddings", None)
+    limit, why = None, ""
+    if pos:
+        limit, why = pos - position_offset(loaded.model), f"the model has {pos - position_offset(loaded.model)} positions"
+    window = getattr(loaded, "window", None)
+    if window and (limit is None or window < limit):
+        limit, why = window, f"its local attention spans {window} tokens"
+    return limit, why
+
+
 def effective_max_length(loaded, requested: int | None) -> int:
-    """``--max-length`` capped at what the model's position embeddings allow."""
+    """The length sequences are truncated to. Default: the tokenizer's ``model_max_length`` within the model's
+    own limit (512 where neither says). An explicit ``--max-length`` is honoured up to the model's own limit
+    (``max_length_notice`` says when it is lowered), whatever the tokenizer's ``model_max_length``."""
+    hard, _ = _hard_limit(loaded)
+    if requested is not None:
+        return requested if hard is None else min(requested, hard)
     tok_max = getattr(loaded.tokenizer, "model_max_length", None) or 10**9
-    pos = getattr(loaded.model.config, "max_position_embeddings", None) or 10**9
-    pos -= position_offset(loaded.model)
-    limit = min(tok_max, pos, 10**6)
-    if limit >= 10**6:
-        limit = 512
-    window = getattr(loaded, "window", None)  # local attention read through output_attentions
-    if window:
-        limit = min(limit, window)
-    return limit if requested is None else min(requested, limit)
+    limit = min(tok_max, hard or 10**9, 10**6)
+    return 512 if limit >= 10**6 else limit
+
+
+def max_length_notice(loaded, requested: int | None) -> str | None:
+    """One line when an explicit ``--max-length`` must be lowered to the model's own limit, else None."""
+    hard, why = _hard_limit(loaded)
+    if requested is not None and hard is not None and requested > hard:
+        return f"--max-length {requested} lowered to {hard}: {why}"
+    return None
 
 
 def position_offset(model) -> int:

@@ -78,7 +78,8 @@ def show(config: ShowConfig, *, loaded=None, write: bool = True) -> ShowResult:
     types = enc.token_types[0] if enc.token_types is not None else None
 
     metric_dtype = torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
-    probe = Probe(loaded.num_layers, hops=config.hops, metric_dtype=metric_dtype, num_heads=loaded.num_heads or None)
+    probe = Probe(loaded.num_layers, hops=config.hops, metric_dtype=metric_dtype, num_heads=loaded.num_heads or None,
+                  sample_queries=config.sample_queries)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch, special, _ = next(batching.make_batches(enc, 1, pad_id, loading.special_token_ids(tokenizer),
                                                   loaded.device))

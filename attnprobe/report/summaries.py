@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 SUMMARY_COLUMNS = ("direct_entropy_norm", "indirect_entropy_norm", "gtd", "bp_shift")
+SE_NAMES = ("gtd_se", "indirect_entropy_se", "indirect_entropy_norm_se")
 
 
 def _layer_profile(diagnostics, epoch: float) -> dict[int, dict[str, float | None]]:
@@ -95,8 +96,10 @@ def scan_summary(result, out_dir) -> dict[str, Any]:
         "out_dir": str(out_dir),
         "model": result.meta["model"]["name"],
         "layers": layers[["layer", "direct_entropy", "direct_entropy_norm", "indirect_entropy",
-                          "indirect_entropy_norm", "gtd", "bp_shift", "heads", "flagged_heads"]]
+                          "indirect_entropy_norm", "gtd", "bp_shift", "heads", "flagged_heads",
+                          *[c for c in SE_NAMES if c in layers]]]
         .astype(object).where(layers.notna(), None).to_dict(orient="records"),
+        "sample_queries": result.meta.get("multi_hop", {}).get("sample_queries"),
         "flagged": [
             {"layer": int(r.layer), "head": int(r.head), "reasons": _reasons(r)}
             for r in result.heads.itertuples() if _reasons(r)
@@ -119,9 +122,15 @@ def print_scan_summary(result, out_dir, console) -> None:
     table = Table(title=f"attnprobe scan: {meta['model']['name']} ({meta['data']['sequences_scanned']} sequences)")
     for col in ("layer", "direct H (norm)", "indirect H (norm)", "GTD", "flagged heads"):
         table.add_column(col, justify="right")
+    sampled = bool(meta.get("multi_hop", {}).get("sample_queries"))
+
+    def pm(value, se) -> str:  # the standard error of a sampled scan, after its value
+        return _fmt(value) + (f" ± {se:.3f}" if sampled and se == se else "")
+
     for r in layers.itertuples():
         table.add_row(str(r.layer), f"{_fmt(r.direct_entropy)} ({_fmt(r.direct_entropy_norm)})",
-                      f"{_fmt(r.indirect_entropy)} ({_fmt(r.indirect_entropy_norm)})", _fmt(r.gtd),
+                      f"{pm(r.indirect_entropy, getattr(r, 'indirect_entropy_se', 0.0))} "
+                      f"({_fmt(r.indirect_entropy_norm)})", pm(r.gtd, getattr(r, "gtd_se", 0.0)),
                       f"{int(r.flagged_heads)}/{int(r.heads)}")
     console.print(table)
     _print_flagged(result, console)

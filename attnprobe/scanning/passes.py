@@ -111,6 +111,16 @@ def unpadded_notice(loaded) -> str:
             "without padding (batches of sequences of one length), which is slower")
 
 
+# exact multi-hop work above this many times the forward pass's gets a notice naming --sample-queries
+NOTICE_RATIO = 4.0
+
+
+def multi_hop_ratio(n: int, heads: int, hidden: int) -> float:
+    """Multiply-adds of the exact multi-hop attention (``A @ A``: ``2 n^3`` per head) over those of a layer's
+    forward pass (attention ``4 n^2 d`` and projections and feed-forward about ``24 n d^2``), ``d`` the hidden size."""
+    return 2.0 * heads * n ** 3 / (4.0 * n * n * hidden + 24.0 * n * hidden * hidden)
+
+
 def metric_dtype_of(loaded) -> torch.dtype:
     """float64 metrics for a float64 model, else float32 (lower-precision attention is upcast)."""
     return torch.float64 if next(loaded.model.parameters()).dtype == torch.float64 else torch.float32
@@ -123,20 +133,23 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
                 on_notice: Callable[[str], None] | None = None,
                 model=None, metric_dtype: torch.dtype | None = None,
                 world=None, on_encoded: Callable[[Encoded], None] | None = None,
-                block_fn: Callable | None = None) -> tuple[Probe, dict[str, int]]:
+                block_fn: Callable | None = None, sample_queries: int | None = None,
+                seed: int = 0) -> tuple[Probe, dict[str, int]]:
     """Stream chunks (objects with texts/pairs/rows) through the model; return the probe and counters.
 
     With a distributed ``world`` (parallel.World) each process takes every ``world.size``-th row of
     each chunk, and the sums and counters are all-reduced at the end, so every process returns the totals.
     ``on_encoded`` sees each tokenized chunk (``scan --patterns`` picks its rows from them).
     ``block_fn`` replaces the probe's per-block metrics (``compiled.prepare``'s compiled path).
+    ``sample_queries`` estimates the multi-hop metrics from that many rows per sequence and head (seeded with
+    ``seed`` and, under several processes, the process's rank).
     """
     world = world or parallel.World()
     tokenizer = loaded.tokenizer
     if metric_dtype is None:
         metric_dtype = metric_dtype_of(loaded)
     probe = Probe(loaded.num_layers, hops=hops, per_example=per_example, metric_dtype=metric_dtype,
-                  num_heads=loaded.num_heads or None)
+                  num_heads=loaded.num_heads or None, sample_queries=sample_queries, seed=seed + world.rank)
     if block_fn is not None:
         probe.block_fn = block_fn
     probe.reuse_buffers = True  # nothing here keeps a layer's probabilities past its layer
@@ -144,6 +157,7 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
     counts = {"sequences": 0, "tokens": 0, "truncated": 0, "too_short": 0, "oom_splits": 0}
     state: dict = {}
+    hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "dim", None)
     for chunk in chunks:
         texts, pairs, rows = chunk.texts, chunk.pairs, chunk.rows
         if world.distributed:
@@ -159,6 +173,13 @@ def run_batches(loaded, chunks: Iterable, *, batch_size: int, max_length: int, h
                                                        equal_length=getattr(loaded, "padding", "right") == "none"):
             if should_stop is not None and (signum := should_stop()):
                 raise Interrupted(signum)
+            n = batch["input_ids"].shape[1]
+            if not sample_queries and on_notice is not None and not state.get("work_noted") and hidden and \
+                    (ratio := multi_hop_ratio(n, loaded.num_heads or 1, hidden)) > NOTICE_RATIO:
+                state["work_noted"] = True
+                on_notice(f"sequences of {n} tokens: the exact multi-hop metrics (A @ A per head) take about "
+                          f"{ratio:.0f} times the forward pass's work; --sample-queries 32 estimates them, with "
+                          "standard errors, at a small share of that")
             for piece, piece_rows, per in forward_resilient(loaded, probe, batch, special, batch_rows, model=model,
                                                             on_notice=on_notice, state=state):
                 counts["sequences"] += len(piece_rows)

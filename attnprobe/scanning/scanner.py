@@ -20,7 +20,7 @@ import torch
 from attnprobe.capture.patterns import RULE, ExamplePicker
 from attnprobe.config import ScanConfig, to_dict
 from attnprobe.data import sources
-from attnprobe.data.batching import effective_max_length
+from attnprobe.data.batching import effective_max_length, max_length_notice
 from attnprobe.formulas import compiled
 from attnprobe.models import loading
 from attnprobe.runtime import memory, outputs, parallel
@@ -133,6 +133,9 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
     # The forward's (B, H, L, L) buffers are reused instead of taken again as fresh pages (memory.py).
     kept_freed_memory = keep_freed_memory and loaded.device.type == "cpu" and memory.keep_freed_memory()
     max_length = effective_max_length(loaded, config.max_length)
+    lowered = max_length_notice(loaded, config.max_length)
+    if lowered and on_notice is not None and world.is_main:
+        on_notice(lowered)
     if getattr(loaded, "padding", "right") == "none" and on_notice is not None and world.is_main:
         on_notice(unpadded_notice(loaded))
     writer = None
@@ -152,7 +155,8 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
             loaded, _Chunks(source, config.limit, sink), batch_size=config.batch_size,
             max_length=max_length, hops=config.hops, per_example=config.per_example,
             on_examples=sink.add if sink else None, on_progress=on_progress, should_stop=should_stop,
-            on_notice=on_notice, world=world, on_encoded=picker.add if picker else None, block_fn=path.block_fn)
+            on_notice=on_notice, world=world, on_encoded=picker.add if picker else None, block_fn=path.block_fn,
+            sample_queries=config.sample_queries, seed=config.seed)
         if sink is not None:
             sink.flush()
     except BaseException:
@@ -173,7 +177,7 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
                   "max_length": max_length,
                   # a decoder's rows that see fewer than 2 keys (its first token), per head
                   "rows_not_scored": int(probe.totals()["unscored"].max())})
-    notices = []
+    notices = [lowered] if lowered else []
     if getattr(loaded, "padding", "right") == "none":
         notices.append(unpadded_notice(loaded))
     if counts["oom_splits"]:
@@ -197,6 +201,9 @@ def scan(config: ScanConfig | None = None, *, loaded=None, out_dir: str | Path |
         "compile": path.info,
         "cpu_allocator": memory.label(kept_freed_memory),
         "forward_passes": {"total": counts["passes"], "ended_at_last_attention": counts["passes_cut"]},
+        "multi_hop": {"sample_queries": config.sample_queries,
+                      "estimated": "gtd, indirect_entropy and indirect_entropy_norm from sampled query rows, "
+                                   "with standard errors (*_se)" if config.sample_queries else None},
         "versions": versions(),
         "seed": config.seed,
         "nonfinite": {"rows": int(heads["nonfinite"].sum()),

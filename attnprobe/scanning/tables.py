@@ -20,6 +20,8 @@ METRIC_COLUMNS = (
     "direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm", "gtd",
     "self_mass", "local_mass", "first_mass", "special_mass", "sink_mass", "bp_shift",
 )
+# standard errors of the multi-hop metrics under --sample-queries (0 where computed exactly)
+SE_COLUMNS = ("gtd_se", "indirect_entropy_se", "indirect_entropy_norm_se")
 
 
 def head_frame(sums: dict[str, torch.Tensor], thresholds: Thresholds):
@@ -45,18 +47,27 @@ def head_frame(sums: dict[str, torch.Tensor], thresholds: Thresholds):
             )
             row.update(f)
             row["nonfinite_flag"] = row["nonfinite"] > 0
+            for name in SE_COLUMNS:
+                value = float(m[name][layer, head])
+                row[name] = None if math.isnan(value) else value
             records.append(row)
     df = pd.DataFrame.from_records(records)
-    for name in METRIC_COLUMNS:
+    for name in (*METRIC_COLUMNS, *SE_COLUMNS):
         df[name] = df[name].astype("float64")
     return df
 
 
 def layer_frame(heads):
-    """The layers.parquet table: metric means over heads, number of heads and of flagged heads."""
+    """The layers.parquet table: metric means over heads, number of heads and of flagged heads.
+
+    A layer's standard error is that of its mean over heads, ``sqrt(sum_h se_h^2) / H`` (the heads' row draws
+    are independent)."""
     cols = list(METRIC_COLUMNS)
     grouped = heads.groupby("layer", sort=True)
     df = grouped[cols].mean()
+    for name in SE_COLUMNS:
+        if name in heads:
+            df[name] = grouped[name].apply(lambda se: float((se.astype(float) ** 2).sum() ** 0.5 / len(se)))
     df["queries"] = grouped["queries"].max()
     df["nonfinite"] = grouped["nonfinite"].sum()
     df["heads"] = grouped["head"].count()

@@ -27,7 +27,7 @@ LAYER_SCALARS = ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "i
                  "sink_mass", "bp_shift")
 # ScanConfig fields that mean something for a callback; the others (model, out, device, ...) are the Trainer's
 SCAN_OPTIONS = ("batch_size", "max_length", "hops", "thresholds", "limit", "text_column", "text_pair_column",
-                "encoding")
+                "encoding", "sample_queries", "seed")
 
 
 class AttentionDiagnosticsCallback(TrainerCallback):
@@ -133,7 +133,8 @@ class AttentionDiagnosticsCallback(TrainerCallback):
         with torch.no_grad(), inmemory.probing(model, tokenizer) as loaded:
             probe, _ = passes.run_batches(loaded, self.chunks, batch_size=self.config.batch_size,
                                            max_length=batching.effective_max_length(loaded, self.config.max_length),
-                                           hops=self.config.hops, model=model, world=world)
+                                           hops=self.config.hops, model=model, world=world,
+                                           sample_queries=self.config.sample_queries, seed=self.config.seed)
         heads = tables.head_frame(probe.totals(), self.config.thresholds)
         heads.insert(0, "step", step)
         heads.insert(1, "epoch", float(state.epoch or 0.0))

@@ -164,7 +164,8 @@ def _diagnose(loaded, eval_data: sources.LabeledData, cfg: RefineConfig, max_len
         try:
             probe, _ = passes.run_batches(loaded, chunks, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                         max_length=max_length, hops=cfg.hops, model=scan_model(model),
-                                        world=parallel.current_world(cfg.device))
+                                        world=parallel.current_world(cfg.device),
+                                        sample_queries=cfg.sample_queries, seed=cfg.seed)
         finally:
             model.train(was_training)
         return probe.totals()
@@ -258,7 +259,8 @@ def refine(cfg: RefineConfig, show_progress: bool = False, callbacks: list | Non
                     "label_names": names, "seed": cfg.seed, "num_layers": loaded.num_layers, "task": cfg.task}
     # diagnostics from the Trainer's own evaluation pass where the task's batches allow (not masked-LM's
     # [MASK]ed text), else from a separate scan of scan_texts
-    probing = task.probe_in_eval and evalprobe.supported(loaded, args)
+    # with --sample-queries the diagnostics come from a separate (sampled) scan of the eval set
+    probing = task.probe_in_eval and evalprobe.supported(loaded, args) and not cfg.sample_queries
     eval_probe = (task.eval_probe or evalprobe.EvalProbe.for_model)(loaded, cfg.hops) if probing else None
     diagnose = _diagnose(loaded, scanned, cfg, max_length, cfg.variant, eval_probe, lambda m: tasks.scan_model(task, m))
     recorder = trainer.EpochRecorder(diagnose, is_main=is_main, settings=run_settings,
