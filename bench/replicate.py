@@ -95,7 +95,8 @@ def run_other(task: str, layers: int, variant: str, seed: int, args) -> dict:
         max_length=args.hellaswag_max_length if task == "hellaswag" else args.squad_max_length,
         doc_stride=args.squad_doc_stride, seed=seed, device="cpu", overwrite=True, checkpoints=args.keep_runs,
         max_train_samples=(args.hellaswag_train_samples if task == "hellaswag" else args.squad_train_samples) or None,
-        max_eval_samples=(args.hellaswag_eval_samples if task == "hellaswag" else None) or None, patterns=0)
+        max_eval_samples=(args.hellaswag_eval_samples if task == "hellaswag" else args.squad_eval_samples) or None,
+        patterns=0)
     t0 = time.time()
     result = refine(cfg)
     wall = time.time() - t0
@@ -345,9 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hellaswag-train-samples", type=int, default=240, help="seeded subsample (0: all 7,066)")
     p.add_argument("--hellaswag-eval-samples", type=int, default=160, help="seeded subsample (0: all 1,970)")
     p.add_argument("--hellaswag-max-length", type=int, default=40)
-    p.add_argument("--squad-train-samples", type=int, default=240, help="seeded subsample (0: all 705)")
-    p.add_argument("--squad-max-length", type=int, default=96)
-    p.add_argument("--squad-doc-stride", type=int, default=24)
+    p.add_argument("--squad-train-samples", type=int, default=120, help="seeded subsample (0: all 705)")
+    p.add_argument("--squad-eval-samples", type=int, default=100, help="seeded subsample (0: all 225)")
+    p.add_argument("--squad-max-length", type=int, default=128)
+    p.add_argument("--squad-doc-stride", type=int, default=32)
     p.add_argument("--layers", nargs="+", type=int, default=[2, 4, 6])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

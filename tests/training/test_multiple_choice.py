@@ -226,3 +226,22 @@ def test_two_processes_match_one(work):
     num = [c for c in d1.select_dtypes("number").columns if c not in ("epoch", "step", "layer", "head")]
     np.testing.assert_allclose(d2[num].to_numpy(float), d1[num].to_numpy(float), atol=1e-4, equal_nan=True)
     assert (runs["two"] / "predictions.jsonl").read_text() == (runs["one"] / "predictions.jsonl").read_text()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("label", "row 3 has the label 7, out of range for its 4 choices"),
+    ("columns", "is in neither the HellaSwag"),
+])
+def test_bad_input_exits_1_with_one_line_and_writes_nothing(tmp_path, tiny_bert, bad, message):
+    rows = hellaswag_rows(6, 3)
+    if bad == "label":
+        rows[2]["label"] = 7
+    else:
+        rows = [{"story": r["ctx_a"], "opts": r["endings"], "label": r["label"]} for r in rows]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["refine", str(tiny_bert), "--train", str(train), *OPTIONS, "--out", str(out)])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert not (out / outputs.RUN_JSON).exists() and not (out / "model").exists()
