@@ -250,7 +250,7 @@ def summarize_other(rows: list[dict]) -> str:
         lines.append(
             f"| {k[0]} | {k[1]} | {k[2]} | {len(rs)} | {scale * _mean([r['score'] for r in rs]):.2f} ± "
             f"{scale * _std([r['score'] for r in rs]):.2f} | {diff('score', scale)} "
-            f"| {_mean(em):.2f} | {diff('exact_match') if k[0] == 'squad' else '—'} "
+            f"| {f'{_mean(em):.2f}' if k[0] == 'squad' else '—'} | {diff('exact_match') if k[0] == 'squad' else '—'} "
             f"| {_mean([r['last_direct_entropy_norm_epoch0'] for r in rs]):.3f} → "
             f"{_mean([r['last_direct_entropy_norm'] for r in rs]):.3f} | {diff('last_direct_entropy_norm')} "
             f"| {_mean([r['last_gtd_epoch0'] for r in rs]):.3f} → {_mean([r['last_gtd'] for r in rs]):.3f} "
