@@ -167,20 +167,21 @@ class Probe:
         limit = blocks.CHUNK_ELEMENTS if probs.device.type == "cpu" else blocks.DEVICE_CHUNK_ELEMENTS
         if allowed is not None:
             allowed = allowed.to(probs.device).expand(B, Q, K) & keep[:, None, :]
-        rows = (keep.sum(-1) if allowed is None else metrics.scored_rows(keep, allowed).sum(-1))  # (B,)
+        stats = blocks.RowStats(keep, allowed) if allowed is not None else None  # shared by every head
+        rows = keep.sum(-1) if stats is None else stats.scored.sum(-1)  # (B,) scored rows per sequence
         for b0, b1, h0, h1 in blocks.blocks(B, H, Q * K, limit):
             pl = plain[b0:b1, h0:h1].to(self.metric_dtype) if plain is not None else None
             block = probs[b0:b1, h0:h1].to(self.metric_dtype)
             spec = special[b0:b1] if special is not None else None
+            sc = scores[b0:b1, h0:h1] if scores is not None else None
             if self.sample_queries and int(rows[b0:b1].max()) > self.sample_queries:
                 sums = sampling.sampled_block_sums(block, keep[b0:b1], self.sample_queries, spec, self.hops, pl,
                                                    None if allowed is None else allowed[b0:b1], self.generator,
-                                                   self._scratch)
+                                                   self._scratch, sc, None if stats is None else stats.slice(b0, b1))
             elif allowed is not None:
                 sums = blocks.masked_block_sums(block, keep[b0:b1], allowed[b0:b1], spec, self.hops, pl,
-                                                self._scratch)
+                                                self._scratch, sc, stats.slice(b0, b1))
             else:
-                sc = scores[b0:b1, h0:h1] if scores is not None else None
                 sums = self.block_fn(block, keep[b0:b1], spec, self.hops, pl, sc, self._scratch)
             if self.sample_queries:  # exact blocks of a sampled scan: variance 0, so that every block has the keys
                 for key in VAR_KEYS:

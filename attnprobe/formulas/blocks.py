@@ -181,6 +181,44 @@ def block_sums(
     return sums
 
 
+def special_mass(probs: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """``metrics.special_mass`` as one batched matrix-vector product: ``(b, h, Q, K)``, ``(b, K)`` -> ``(b, h, Q)``."""
+    return torch.matmul(probs, special[:, None, :, None].to(probs.dtype)).squeeze(-1)
+
+
+class RowStats:
+    """What the rows of a masked attention have in common across heads, computed once per layer.
+
+    Attributes:
+        scored: ``(B, Q)`` bool, the rows scored (real tokens that see at least 2 keys).
+        log_n: ``(B, 1, Q)`` float64, each row's ``log n_i`` (1 where n_i < 2).
+        count: ``(B, 1, K)`` float64, for each key the scored rows that see it.
+    """
+
+    def __init__(self, keep: torch.Tensor, allowed: torch.Tensor):
+        self.scored = metrics.scored_rows(keep, allowed)
+        self.log_n = metrics.row_normalizer(allowed)[:, None, :]
+        self.count = (allowed & self.scored[..., None]).sum(-2, dtype=torch.float64)[:, None, :]
+
+    def slice(self, b0: int, b1: int) -> RowStats:
+        out = RowStats.__new__(RowStats)
+        out.scored, out.log_n, out.count = self.scored[b0:b1], self.log_n[b0:b1], self.count[b0:b1]
+        return out
+
+
+def visible_sink(probs: torch.Tensor, stats: RowStats) -> torch.Tensor:
+    """``metrics.row_sink_mass`` in one vector-matrix product per head, ``(b, h)`` float64.
+
+    Each key's weight summed over the scored rows that see it is ``scored^T @ A``, because ``A`` is exactly 0
+    where the mask hides a key (the softmax of the mask's most negative bias underflows to 0); the count of
+    those rows comes from ``allowed`` alone, once for every head (``RowStats``).
+    """
+    count = stats.count.to(probs.dtype)  # (b, 1, K)
+    weight = torch.matmul(stats.scored[:, None, None, :].to(probs.dtype), probs).squeeze(-2)  # (b, h, K)
+    share = weight / count.clamp_min(1.0)
+    return torch.where(count > 0, share, -1.0).amax(-1).clamp_min(0.0).to(torch.float64)
+
+
 def masked_block_sums(
     probs: torch.Tensor,
     keep: torch.Tensor,
@@ -189,6 +227,8 @@ def masked_block_sums(
     hops: int = 2,
     plain: torch.Tensor | None = None,
     scratch: Scratch | None = None,
+    scores: torch.Tensor | None = None,
+    stats: RowStats | None = None,
 ) -> dict[str, torch.Tensor]:
     """``query_sums(query_metrics(probs, keep, special, hops, plain, allowed), keep)`` for attention whose rows
     see different keys (causal and sliding-window masks), into reused scratch buffers.
@@ -206,32 +246,32 @@ def masked_block_sums(
         hops: K of the multi-hop attention.
         plain: ``(b, h, Q, K)`` attention before SAOBP (for ``bp_shift``), or None.
         scratch: buffers to reuse (None: allocate).
+        scores: ``(b, h, Q, K)`` logits with ``probs = softmax(scores)`` at ``probs``' precision, or None.
+        stats: ``RowStats(keep, allowed)``, if the caller has it for this block (it is the same for every head).
     """
     scratch = scratch if scratch is not None else Scratch()
+    stats = stats if stats is not None else RowStats(keep, allowed)
     multi = multi_hop_into(probs, hops, scratch)
     work = scratch.get("work", probs)
-    h_dir = entropy_into(probs, work)
+    if scores is not None:
+        h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
+    else:
+        h_dir = entropy_into(probs, work)
     h_ind = entropy_into(multi, work)
     tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place
-    if special is not None:
-        spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
-    else:
-        spec = torch.zeros_like(h_dir)
+    spec = special_mass(probs, special) if special is not None else torch.zeros_like(h_dir)
     first = metrics.first_key_mass(probs, metrics.first_position(keep))
     columns = [h_dir, h_ind, tv, metrics.self_mass(probs), metrics.local_mass(probs), first, spec]
     if plain is not None:
         columns.append(torch.sub(probs, plain, out=work).abs_().sum(-1).mul_(0.5))
-    scored = metrics.scored_rows(keep, allowed)  # (b, Q)
-    seen = (allowed & scored[..., None])[:, None].to(probs.dtype)  # (b, 1, Q, K)
-    count = seen.sum(-2)  # (b, 1, K)
-    share = torch.mul(probs, seen, out=work).sum(-2) / count.clamp_min(1.0)  # (b, h, K)
-    sink = torch.where(count > 0, share, -1.0).amax(-1).clamp_min(0.0).to(torch.float64)  # (b, h)
+    scored = stats.scored  # (b, Q)
+    sink = visible_sink(probs, stats)  # (b, h)
 
     valid = scored[:, None, :]  # (b, 1, Q)
     bad = ~(torch.isfinite(h_dir) & torch.isfinite(tv)) & valid  # (b, h, Q)
     ok = valid & ~bad
     values = torch.where(ok[..., None], torch.stack(columns, -1).to(torch.float64), 0.0).sum(-2)  # (b, h, m)
-    log_n = metrics.row_normalizer(allowed)[:, None, :]  # (b, 1, Q)
+    log_n = stats.log_n  # (b, 1, Q)
 
     def normalized(h: torch.Tensor) -> torch.Tensor:
         return torch.where(ok, h.to(torch.float64) / log_n, 0.0).sum(-1)

@@ -68,11 +68,14 @@ def sampled_block_sums(
     allowed: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     scratch: blocks.Scratch | None = None,
+    scores: torch.Tensor | None = None,
+    stats: blocks.RowStats | None = None,
 ) -> dict[str, torch.Tensor]:
     """The sums of ``blocks.block_sums`` (``allowed`` None) or ``blocks.masked_block_sums`` with the multi-hop ones
     (``SAMPLED``) estimated from ``n`` sampled rows per sequence and head; adds ``<name>_var`` for each.
 
-    Direct entropy, the masses, ``sink_mass``, ``bp_shift`` and the counts are exact (every row).
+    Direct entropy, the masses, ``sink_mass``, ``bp_shift`` and the counts are exact (every row). ``scores``
+    (the logits of ``probs``, or None) let the direct entropy skip a log, as in ``blocks.block_sums``.
     """
     scratch = scratch if scratch is not None else blocks.Scratch()
     work = scratch.get("work", probs)
@@ -81,17 +84,14 @@ def sampled_block_sums(
         log_n = metrics.normalizer(keep)[:, None, None].expand(-1, 1, keep.shape[-1])  # (b, 1, Q)
         sink = metrics.sink_mass(probs, keep[:, None, :]).to(torch.float64)
     else:
-        rows_ok = metrics.scored_rows(keep, allowed)
-        log_n = metrics.row_normalizer(allowed)[:, None, :]
-        seen = (allowed & rows_ok[..., None])[:, None].to(probs.dtype)
-        count = seen.sum(-2)
-        share = torch.mul(probs, seen, out=work).sum(-2) / count.clamp_min(1.0)
-        sink = torch.where(count > 0, share, -1.0).amax(-1).clamp_min(0.0).to(torch.float64)
-    h_dir = blocks.entropy_into(probs, work)
-    if special is not None:
-        spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
+        stats = stats if stats is not None else blocks.RowStats(keep, allowed)
+        rows_ok, log_n = stats.scored, stats.log_n
+        sink = blocks.visible_sink(probs, stats)
+    if scores is not None:
+        h_dir = blocks._lse_fallback(blocks.entropy_from_scores(probs, scores, work), probs, work)
     else:
-        spec = torch.zeros_like(h_dir)
+        h_dir = blocks.entropy_into(probs, work)
+    spec = blocks.special_mass(probs, special) if special is not None else torch.zeros_like(h_dir)
     first = metrics.first_key_mass(probs, metrics.first_position(keep))
     columns = [h_dir, metrics.self_mass(probs), metrics.local_mass(probs), first, spec]
     if plain is not None:
