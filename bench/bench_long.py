@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="also peak memory, one fresh subprocess per mode and length")
     p.add_argument("--skip-timing", action="store_true", help="only the peak memory (with --memory)")
+    p.add_argument("--memory-lengths", type=int, nargs="*", default=None, help="lengths to measure memory at (default all)")
     p.add_argument("--json", dest="json_out", default=str(ROOT / "bench/results/long_sequences.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
@@ -147,7 +148,8 @@ def main() -> None:
             for m in modes[1:]:
                 if not args.skip_timing:
                     row[f"{m}_throughput"] = row["eager_s"] / row[f"{m}_s"]
-            if args.memory:
+            measure = args.memory and (args.memory_lengths is None or length in args.memory_lengths)
+            if measure:
                 unit = heads * length * length * 4 / 1024  # one layer's attention, KiB
                 for mode in modes:
                     out = subprocess.run([sys.executable, __file__, "--child", "--kind", kind, "--mode", mode,
@@ -159,7 +161,7 @@ def main() -> None:
             results.append(row)
             cells = "  ".join(m + ("" if args.skip_timing else f" {row[f'{m}_s']:.3f}s")
                               + (f" ({row[f'{m}_throughput']:.2f}x)" if m != "eager" and not args.skip_timing else "")
-                              + (f" peak {row[f'{m}_peak_layers']:.2f}" if args.memory else "") for m in modes)
+                              + (f" peak {row[f'{m}_peak_layers']:.2f}" if measure else "") for m in modes)
             print(f"{kind:8s} L={length:5d}  {cells}", flush=True)
     from attnprobe.scanning.scanner import versions
 
