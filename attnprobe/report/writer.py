@@ -233,12 +233,15 @@ def flagged_table(heads: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
             "layer": int(rec["layer"]),
             "head": int(rec["head"]),
             "gtd": rec["gtd"],
+            "gtd_se": rec.get("gtd_se", 0.0),
             "direct_entropy_norm": rec["direct_entropy_norm"],
             "sink_mass": rec.get("sink_mass", float("nan")),
             "reasons": "; ".join(flag_reasons(rec, thresholds)),
         })
-    columns = ["layer", "head", "gtd", "direct_entropy_norm", "sink_mass", "reasons"]
-    return pd.DataFrame(rows, columns=columns)
+    columns = ["layer", "head", "gtd", "gtd_se", "direct_entropy_norm", "sink_mass", "reasons"]
+    table = pd.DataFrame(rows, columns=columns)
+    sampled = "gtd_se" in heads.columns and bool((pd.to_numeric(heads["gtd_se"], errors="coerce") > 0).any())
+    return table if sampled else table.drop(columns="gtd_se")  # the GTD's ± only where it was estimated
 
 
 def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
@@ -269,6 +272,13 @@ def run_notes(run: Run) -> list[str]:
     if "nonfinite_flag" in run.heads.columns and run.heads["nonfinite_flag"].any():
         n = int(run.heads["nonfinite_flag"].sum())
         notes.append(f"{run.name}: {n} head(s) had attention rows with NaN/Inf; their metrics leave those rows out.")
+    n = (run.meta.get("multi_hop") or {}).get("sample_queries")
+    if n and "gtd_se" in run.heads.columns:
+        se = {c: float(run.heads[c].astype(float).max()) for c in ("gtd_se", "indirect_entropy_norm_se")}
+        notes.append(f"{run.name}: GTD and the indirect entropies are estimated from {n} sampled query rows per "
+                     f"sequence and head (--sample-queries); their standard errors reach ±{se['gtd_se']:.4f} (GTD) "
+                     f"and ±{se['indirect_entropy_norm_se']:.4f} (normalized indirect entropy); heads.parquet "
+                     "*_se columns, and explore.html, give each head's.")
     kept = run.meta.get("patterns")
     for note in kept.get("notes", []) if isinstance(kept, dict) else []:
         notes.append(f"{run.name}: {note}.")

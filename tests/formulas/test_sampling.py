@@ -163,3 +163,16 @@ def test_masked_blocks_equal_the_unblocked_sums(monkeypatch):
         assert torch.allclose(totals[1][name], value, atol=1e-12, equal_nan=True), name
     assert float(totals[0]["unscored"][0, 0]) == 3  # each sequence's first row
     assert metrics.scored_rows(keep, allowed).sum() > 0
+
+
+def test_report_of_a_sampled_run_says_so(tiny_bert, tmp_path):
+    from attnprobe.report.writer import flagged_table, load_run, run_notes
+
+    attnprobe.scan(str(tiny_bert), texts=SENTENCES, patterns=0, sample_queries=3, out=str(tmp_path / "s"))
+    attnprobe.scan(str(tiny_bert), texts=SENTENCES, patterns=0, out=str(tmp_path / "e"))
+    sampled, exact = load_run(tmp_path / "s"), load_run(tmp_path / "e")
+    assert any("estimated from 3 sampled query rows" in n for n in run_notes(sampled))
+    assert not any("sampled query rows" in n for n in run_notes(exact))
+    assert "gtd_se" not in flagged_table(exact.heads, exact.thresholds).columns
+    table = flagged_table(sampled.heads, sampled.thresholds)
+    assert table.empty or "gtd_se" in table.columns
