@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny_encoders import HEADS, HIDDEN, LAYERS, tokenizer_path
+from tests.tiny_encoders import HEADS, HIDDEN, LAYERS, redraw, tokenizer_path
 
 WINDOW = 4  # sliding windows shorter than the test sentences
 
@@ -59,12 +59,7 @@ def make_decoder(kind: str, folder: Path, seed: int = 0, scale: float = 0.2) -> 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(), local_files_only=True)
     config = build_config(kind, len(tokenizer) + 8, tokenizer.pad_token_id)  # some families add a token
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model = redraw(AutoModelForCausalLM.from_config(config), seed, scale)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -81,6 +81,18 @@ def build_config(kind: str, vocab_size: int, pad_id: int):
     return CONFIG_MAPPING[model_type(kind)](**kwargs)
 
 
+def redraw(model, seed: int, scale: float):
+    """Every 2-D weight of ``model`` from N(0, scale) with a seeded generator, so attention is far from uniform."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 def make_encoder(kind: str, folder: Path, seed: int = 0, scale: float = 0.2) -> Path:
     """Build a tiny random ``kind`` encoder with large-scale weights and save it with a tokenizer."""
     import torch
@@ -89,12 +101,7 @@ def make_encoder(kind: str, folder: Path, seed: int = 0, scale: float = 0.2) -> 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(), local_files_only=True)
     config = build_config(kind, len(tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model = redraw(AutoModel.from_config(config), seed, scale)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

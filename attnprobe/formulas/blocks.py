@@ -159,19 +159,27 @@ def block_sums(
     ok = valid & ~bad
     values = torch.where(ok[..., None], torch.stack(columns, -1).to(torch.float64), 0.0).sum(-2)  # (b, h, m)
     log_n = metrics.normalizer(keep)[:, None]  # (b, 1)
-    sums = {
-        "direct_entropy": values[..., 0],
-        "direct_entropy_norm": values[..., 0] / log_n,
-        "indirect_entropy": values[..., 1],
-        "indirect_entropy_norm": values[..., 1] / log_n,
-        "gtd": values[..., 2],
-        "self_mass": values[..., 3],
-        "local_mass": values[..., 4],
-        "first_mass": values[..., 5],
-        "special_mass": values[..., 6],
-    }
-    if plain is not None:
+    return finish(values, values[..., 0] / log_n, values[..., 1] / log_n, plain is not None, keep, sink, ok, bad)
+
+
+def finish(values: torch.Tensor, direct_norm: torch.Tensor, indirect_norm: torch.Tensor, refined: bool,
+           keep: torch.Tensor, sink: torch.Tensor, ok: torch.Tensor, bad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sums dict from ``values`` ``(b, h, m)``, the summed columns in ``block_sums``' order (direct entropy,
+    indirect entropy, GTD, self, local, first, special mass, then bp_shift if ``refined``), the normalized entropy
+    sums, and the counts: ``sink_mass`` weighted by the sequence length where every row is finite, the rows
+    summed (``ok``) and those left out as non-finite (``bad``), each ``(b, h)``."""
+    names = ("direct_entropy", "indirect_entropy", "gtd", "self_mass", "local_mass", "first_mass", "special_mass")
+    sums = {name: values[..., i] for i, name in enumerate(names)}
+    sums["direct_entropy_norm"], sums["indirect_entropy_norm"] = direct_norm, indirect_norm
+    if refined:
         sums["bp_shift"] = values[..., 7]
+    return counts(sums, keep, sink, ok, bad)
+
+
+def counts(sums: dict[str, torch.Tensor], keep: torch.Tensor, sink: torch.Tensor, ok: torch.Tensor,
+           bad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Add ``sink_weighted``, ``sink_weight`` (the sequence length, where every row of the head is finite),
+    ``queries`` and ``nonfinite`` to ``sums``; ``ok`` and ``bad`` are ``(b, h, Q)`` bool, ``sink`` ``(b, h)``."""
     n = keep.sum(-1).to(torch.float64)[:, None]  # (b, 1)
     head_ok = ~bad.any(-1)  # (b, h): a sequence-level value needs every row finite
     sums["sink_weighted"] = torch.where(head_ok, n * sink, 0.0)
@@ -276,24 +284,6 @@ def masked_block_sums(
     def normalized(h: torch.Tensor) -> torch.Tensor:
         return torch.where(ok, h.to(torch.float64) / log_n, 0.0).sum(-1)
 
-    sums = {
-        "direct_entropy": values[..., 0],
-        "direct_entropy_norm": normalized(h_dir),
-        "indirect_entropy": values[..., 1],
-        "indirect_entropy_norm": normalized(h_ind),
-        "gtd": values[..., 2],
-        "self_mass": values[..., 3],
-        "local_mass": values[..., 4],
-        "first_mass": values[..., 5],
-        "special_mass": values[..., 6],
-    }
-    if plain is not None:
-        sums["bp_shift"] = values[..., 7]
-    n = keep.sum(-1).to(torch.float64)[:, None]  # (b, 1)
-    head_ok = ~bad.any(-1)
-    sums["sink_weighted"] = torch.where(head_ok, n * sink, 0.0)
-    sums["sink_weight"] = torch.where(head_ok, n.expand_as(sink), 0.0)
-    sums["queries"] = ok.to(torch.float64).sum(-1)
-    sums["nonfinite"] = bad.to(torch.float64).sum(-1)
+    sums = finish(values, normalized(h_dir), normalized(h_ind), plain is not None, keep, sink, ok, bad)
     sums["unscored"] = (keep & ~scored).to(torch.float64).sum(-1)[:, None].expand_as(sink).clone()
     return sums

@@ -116,12 +116,7 @@ def sampled_block_sums(
     for name, x in (("gtd", tv), ("indirect_entropy", h_ind), ("indirect_entropy_norm", h_ind_norm)):
         sums[name], sums[f"{name}_var"] = estimate(x, taken, m)
 
-    n_tok = keep.sum(-1).to(torch.float64)[:, None]
-    head_ok = ~bad.any(-1)
-    sums["sink_weighted"] = torch.where(head_ok, n_tok * sink, 0.0)
-    sums["sink_weight"] = torch.where(head_ok, n_tok.expand_as(sink), 0.0)
-    sums["queries"] = m
-    sums["nonfinite"] = bad.to(torch.float64).sum(-1)
+    blocks.counts(sums, keep, sink, ok, bad)  # queries: m, the rows summed
     if allowed is not None:
         sums["unscored"] = (keep & ~rows_ok).to(torch.float64).sum(-1)[:, None].expand_as(sink).clone()
     return sums

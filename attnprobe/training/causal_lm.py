@@ -10,10 +10,8 @@ LM. ``--init`` builds a fresh decoder of MODEL's family (masked_lm.fresh_checkpo
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from attnprobe.data import sources
@@ -58,12 +56,7 @@ class PerplexityFn:
         preds = prediction.predictions
         if isinstance(preds, (tuple, list)):
             preds = preds[0]
-        sums = np.asarray(preds, dtype=np.float64).reshape(-1, 2)
-        count = sums[:, 1].sum()
-        if count == 0:
-            return {"lm_loss": float("nan"), "perplexity": float("nan")}
-        loss = float(sums[:, 0].sum() / count)
-        return {"lm_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        return masked_lm.perplexity_scores(preds, "lm_loss")
 
 
 def block_sets(tokenizer, train_data: sources.LabeledData, eval_data: sources.LabeledData, max_length: int):

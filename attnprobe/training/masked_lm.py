@@ -186,14 +186,14 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([nll, keep.sum(-1).double()], dim=-1)
 
 
-def perplexity_scores(sums: np.ndarray) -> dict[str, float]:
-    """``{"mlm_loss", "perplexity"}`` from ``(N, 2)`` rows of token_nll: the token-weighted mean and its exp."""
+def perplexity_scores(sums: np.ndarray, loss_name: str = "mlm_loss") -> dict[str, float]:
+    """``{loss_name, "perplexity"}`` from ``(N, 2)`` rows of token_nll: the token-weighted mean and its exp."""
     sums = np.asarray(sums, dtype=np.float64).reshape(-1, 2)
     count = sums[:, 1].sum()
     if count == 0:
-        return {"mlm_loss": float("nan"), "perplexity": float("nan")}
+        return {loss_name: float("nan"), "perplexity": float("nan")}
     loss = float(sums[:, 0].sum() / count)
-    return {"mlm_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return {loss_name: loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
 class PerplexityFn:
