@@ -106,6 +106,20 @@ def multi_hop_into(probs: torch.Tensor, hops: int, scratch: Scratch) -> torch.Te
     return multi
 
 
+def _row_values(probs: torch.Tensor, hops: int, scores: torch.Tensor | None, scratch: Scratch):
+    """Per row ``(b, h, Q)``: the direct entropy (from ``scores`` where given), the indirect entropy and GTD,
+    with ``A @ A`` in a scratch buffer; also returns the ``work`` buffer for the caller's other products."""
+    multi = multi_hop_into(probs, hops, scratch)
+    work = scratch.get("work", probs)
+    if scores is not None:
+        h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
+    else:
+        h_dir = entropy_into(probs, work)
+    h_ind = entropy_into(multi, work)
+    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
+    return h_dir, h_ind, tv, work
+
+
 def block_sums(
     probs: torch.Tensor,
     keep: torch.Tensor,
@@ -137,14 +151,7 @@ def block_sums(
         The dict ``query_sums`` returns: ``(b, h)`` float64 sums.
     """
     scratch = scratch if scratch is not None else Scratch()
-    multi = multi_hop_into(probs, hops, scratch)
-    work = scratch.get("work", probs)
-    if scores is not None:
-        h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
-    else:
-        h_dir = entropy_into(probs, work)
-    h_ind = entropy_into(multi, work)
-    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place: multi is not needed after this
+    h_dir, h_ind, tv, work = _row_values(probs, hops, scores, scratch)
     if special is not None:
         spec = torch.mul(probs, special[:, None, None, :].to(probs.dtype), out=work).sum(-1)
     else:
@@ -259,14 +266,7 @@ def masked_block_sums(
     """
     scratch = scratch if scratch is not None else Scratch()
     stats = stats if stats is not None else RowStats(keep, allowed)
-    multi = multi_hop_into(probs, hops, scratch)
-    work = scratch.get("work", probs)
-    if scores is not None:
-        h_dir = _lse_fallback(entropy_from_scores(probs, scores, work), probs, work)
-    else:
-        h_dir = entropy_into(probs, work)
-    h_ind = entropy_into(multi, work)
-    tv = multi.sub_(probs).abs_().sum(-1).mul_(0.5)  # gtd, in place
+    h_dir, h_ind, tv, work = _row_values(probs, hops, scores, scratch)
     spec = special_mass(probs, special) if special is not None else torch.zeros_like(h_dir)
     first = metrics.first_key_mass(probs, metrics.first_position(keep))
     columns = [h_dir, h_ind, tv, metrics.self_mass(probs), metrics.local_mass(probs), first, spec]
