@@ -30,7 +30,8 @@ def _hard_limit(loaded) -> tuple[int | None, str]:
     pos = getattr(loaded.model.config, "max_position_embeddings", None)
     limit, why = None, ""
     if pos:
-        limit, why = pos - position_offset(loaded.model), f"the model has {pos - position_offset(loaded.model)} positions"
+        limit = pos - position_offset(loaded.model)
+        why = f"the model has {limit} positions"
     window = getattr(loaded, "window", None)
     if window and (limit is None or window < limit):
         limit, why = window, f"its local attention spans {window} tokens"

@@ -129,7 +129,7 @@ def probing(model: Any, tokenizer: Any, name: str | None = None) -> Iterator[loa
             backend = "eager-outputs"
         from attnprobe.models import capability
 
-        causal = loading.is_causal(model.config) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        causal = loading.is_causal(model.config) or type(model).__name__.endswith(loading.CAUSAL_SUFFIXES)
         with checkpoints.quiet_loading():  # load_model's capability checks: structure, probability rows, padding
             found = capability.inspect(model, tokenizer, backend, causal=causal)
         if backend == "attnprobe" and found.num_layers != num_layers:

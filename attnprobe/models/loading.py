@@ -33,7 +33,7 @@ from attnprobe.models.checkpoints import (  # noqa: E402
     check_weights, first_line_of, load_tokenizer, quiet_loading, resolve_model, resolve_tokenizer, weights_sha256)
 
 ATTN_NAMES = ("attnprobe", "saobp")
-DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # architectures of decoder-only language models
 
 
 @dataclass
@@ -115,7 +115,7 @@ def is_causal(config) -> bool:
     """Whether a config describes a decoder-only language model (causal attention): a decoder flag, a causal-LM
     architecture, or a model type transformers knows as a causal LM and not as a masked LM."""
     archs = getattr(config, "architectures", None) or []
-    return bool(getattr(config, "is_decoder", False)) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) \
+    return bool(getattr(config, "is_decoder", False)) or any(a.endswith(CAUSAL_SUFFIXES) for a in archs) \
         or _is_decoder_type(getattr(config, "model_type", None))
 
 
