@@ -208,9 +208,12 @@ def query_metrics(
         is given), ``sink_mass`` as ``(B, H)`` and ``nonfinite`` as ``(B, H, Q)`` bool; with ``allowed``
         also ``scored`` ``(B, Q)`` bool, the rows ``query_sums`` averages over.
     """
-    if allowed is not None:
-        return _row_metrics(probs, keep, special, hops, plain, allowed)
-    log_n = normalizer(keep).to(probs.dtype)[:, None, None]  # (B, 1, 1)
+    if allowed is None:  # every real token sees every real token: per-sequence n
+        log_n = normalizer(keep).to(probs.dtype)[:, None, None]  # (B, 1, 1)
+        first, sink = first_mass(probs), sink_mass(probs, keep[:, None, :])
+    else:  # each row sees its own keys: log n_i, the first real token, keys over the rows that see them
+        log_n = row_normalizer(allowed).to(probs.dtype)[:, None, :]  # (B, 1, Q)
+        first, sink = first_key_mass(probs, first_position(keep)), row_sink_mass(probs, keep, allowed)
     multi = multi_hop(probs, hops)
     h_dir = direct_entropy(probs)
     h_ind = indirect_entropy(multi)
@@ -225,11 +228,13 @@ def query_metrics(
         "gtd": tv,
         "self_mass": self_mass(probs),
         "local_mass": local_mass(probs),  # padded keys hold exactly 0
-        "first_mass": first_mass(probs),
+        "first_mass": first,
         "special_mass": special_mass(probs, special[:, None, :]) if special is not None
         else torch.zeros_like(h_dir),
-        "sink_mass": sink_mass(probs, keep[:, None, :]),
+        "sink_mass": sink,
     }
+    if allowed is not None:
+        out["scored"] = scored_rows(keep, allowed)
     if plain is not None:
         out["bp_shift"] = bp_shift(probs, plain)
     # A NaN or Inf anywhere in a row makes its entropy non-finite, so this costs no pass over (Q, K).
@@ -270,34 +275,6 @@ def query_sums(values: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
         unscored = (keep & ~rows).to(torch.float64).sum(-1)[:, None]  # (B, 1)
         sums["unscored"] = unscored.expand_as(sums["queries"]).clone()
     return sums
-
-
-def _row_metrics(probs, keep, special, hops, plain, allowed) -> dict[str, torch.Tensor]:
-    """``query_metrics`` for rows that see different keys: entropies normalized by each row's ``log n_i``,
-    ``first_mass`` on the first real token, ``sink_mass`` over the scored rows that see each key."""
-    log_n = row_normalizer(allowed).to(probs.dtype)[:, None, :]  # (B, 1, Q)
-    multi = multi_hop(probs, hops)
-    h_dir = direct_entropy(probs)
-    h_ind = indirect_entropy(multi)
-    tv = gtd(probs, multi)
-    out = {
-        "direct_entropy": h_dir,
-        "direct_entropy_norm": h_dir / log_n,
-        "indirect_entropy": h_ind,
-        "indirect_entropy_norm": h_ind / log_n,
-        "gtd": tv,
-        "self_mass": self_mass(probs),
-        "local_mass": local_mass(probs),
-        "first_mass": first_key_mass(probs, first_position(keep)),
-        "special_mass": special_mass(probs, special[:, None, :]) if special is not None
-        else torch.zeros_like(h_dir),
-        "sink_mass": row_sink_mass(probs, keep, allowed),
-        "scored": scored_rows(keep, allowed),
-    }
-    if plain is not None:
-        out["bp_shift"] = bp_shift(probs, plain)
-    out["nonfinite"] = ~(torch.isfinite(h_dir) & torch.isfinite(tv))
-    return out
 
 
 @dataclass(frozen=True)
