@@ -43,25 +43,35 @@ def split_indices(n: int, cfg, rng: random.Random, path) -> tuple[list[int], lis
     return order[n_eval:], order[:n_eval]
 
 
+def choose_rows(cfg, rng: random.Random, train, n_train: int, evaluation, n_eval: int, count_key: str):
+    """The rows a run trains and evaluates on: all of ``--eval`` (``evaluation``, or a seeded ``--eval-split``
+    hold-out of the ``n_train`` training rows when it is None), then seeded ``--max-train-samples`` /
+    ``--max-eval-samples`` samples. Returns ``(train_index, eval_source, eval_index, eval_stats)``, the eval
+    indices into ``eval_source``; ``count_key`` names the hold-out's size in its stats."""
+    if evaluation is not None:
+        train_index, eval_index, eval_source = list(range(n_train)), list(range(n_eval)), evaluation
+        eval_stats = {**evaluation.stats, "source": "file"}
+    else:
+        train_index, eval_index = split_indices(n_train, cfg, rng, cfg.train)
+        eval_source = train
+        eval_stats = {"source": f"seeded {cfg.eval_split:g} split of the training file",
+                      "path": train.stats.get("path"), count_key: len(eval_index)}
+    train_index = [train_index[i] for i in sample(len(train_index), cfg.max_train_samples, rng)]
+    eval_index = [eval_index[i] for i in sample(len(eval_index), cfg.max_eval_samples, rng)]
+    return train_index, eval_source, eval_index, eval_stats
+
+
 def prepare_data(cfg) -> tuple[sources.LabeledData, sources.LabeledData]:
     """Train and eval examples: the files as read, a seeded eval split without ``--eval``, seeded samples."""
     columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
                    label_column=cfg.label_column, encoding=cfg.encoding)
     train = sources.read_labeled(cfg.train, **columns)
-    rng = random.Random(cfg.seed)
+    evaluation = None
     if cfg.eval is not None:
         evaluation = sources.read_labeled(cfg.eval, label_names=train.label_names, min_classes=1, **columns)
-        train_index = list(range(len(train.texts)))
-        eval_all = evaluation
-        eval_index = list(range(len(evaluation.texts)))
-        eval_stats = {**evaluation.stats, "source": "file"}
-    else:
-        train_index, eval_index = split_indices(len(train.texts), cfg, rng, cfg.train)
-        eval_all = train
-        eval_stats = {"source": f"seeded {cfg.eval_split:g} split of the training file",
-                      "path": train.stats.get("path"), "rows_read": len(eval_index)}
-    train_index = [train_index[i] for i in sample(len(train_index), cfg.max_train_samples, rng)]
-    eval_index = [eval_index[i] for i in sample(len(eval_index), cfg.max_eval_samples, rng)]
+    train_index, eval_all, eval_index, eval_stats = choose_rows(
+        cfg, random.Random(cfg.seed), train, len(train.texts), evaluation,
+        0 if evaluation is None else len(evaluation.texts), "rows_read")
     train_stats = {**train.stats, "source": "file"}
     return subset(train, train_index, train_stats), subset(eval_all, eval_index, eval_stats)
 

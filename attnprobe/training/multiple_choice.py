@@ -124,21 +124,15 @@ def read_choices(path: str, cfg) -> ChoiceData:
 def prepare_data(cfg) -> tuple[ChoiceData, ChoiceData]:
     """Train and eval examples: the files, or a seeded ``--eval-split`` hold-out; seeded samples."""
     train = read_choices(cfg.train, cfg)
-    rng = random.Random(cfg.seed)
+    evaluation = None
     if cfg.eval is not None:
         evaluation = read_choices(cfg.eval, cfg)
         if len(evaluation.firsts[0]) != len(train.firsts[0]):
             raise AttnprobeError(f"{cfg.eval} has {len(evaluation.firsts[0])} choices per example where {cfg.train} "
                                  f"has {len(train.firsts[0])}")
-        train_index, eval_index, eval_all = list(range(len(train.ids))), list(range(len(evaluation.ids))), evaluation
-        eval_stats = {**evaluation.stats, "source": "file"}
-    else:
-        train_index, eval_index = classification.split_indices(len(train.ids), cfg, rng, cfg.train)
-        eval_all = train
-        eval_stats = {"source": f"seeded {cfg.eval_split:g} split of the training file",
-                      "path": train.stats.get("path"), "examples": len(eval_index)}
-    train_index = [train_index[i] for i in classification.sample(len(train_index), cfg.max_train_samples, rng)]
-    eval_index = [eval_index[i] for i in classification.sample(len(eval_index), cfg.max_eval_samples, rng)]
+    train_index, eval_all, eval_index, eval_stats = classification.choose_rows(
+        cfg, random.Random(cfg.seed), train, len(train.ids), evaluation,
+        0 if evaluation is None else len(evaluation.ids), "examples")
     return train.subset(train_index, {**train.stats, "source": "file"}), eval_all.subset(eval_index, eval_stats)
 
 

@@ -133,18 +133,10 @@ def read_qa(path: str, encoding: str = "utf-8") -> QAData:
 def prepare_data(cfg) -> tuple[QAData, QAData]:
     """Train and eval questions: the files, or a seeded ``--eval-split`` hold-out; seeded samples."""
     train = read_qa(cfg.train, cfg.encoding)
-    rng = random.Random(cfg.seed)
-    if cfg.eval is not None:
-        evaluation = read_qa(cfg.eval, cfg.encoding)
-        train_index, eval_index, eval_all = list(range(len(train.ids))), list(range(len(evaluation.ids))), evaluation
-        eval_stats = {**evaluation.stats, "source": "file"}
-    else:
-        train_index, eval_index = classification.split_indices(len(train.ids), cfg, rng, cfg.train)
-        eval_all = train
-        eval_stats = {"source": f"seeded {cfg.eval_split:g} split of the training file",
-                      "path": train.stats.get("path"), "questions": len(eval_index)}
-    train_index = [train_index[i] for i in classification.sample(len(train_index), cfg.max_train_samples, rng)]
-    eval_index = [eval_index[i] for i in classification.sample(len(eval_index), cfg.max_eval_samples, rng)]
+    evaluation = read_qa(cfg.eval, cfg.encoding) if cfg.eval is not None else None
+    train_index, eval_all, eval_index, eval_stats = classification.choose_rows(
+        cfg, random.Random(cfg.seed), train, len(train.ids), evaluation,
+        0 if evaluation is None else len(evaluation.ids), "questions")
     return (train.subset(train_index, {**train.stats, "source": "file"}), eval_all.subset(eval_index, eval_stats))
 
 
