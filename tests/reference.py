@@ -11,14 +11,19 @@ def entropy(p) -> float:
     return -sum(x * math.log(x) for x in p if x > 0)
 
 
-def head_metrics(A: np.ndarray, hops: int = 2, special: list[bool] | None = None) -> dict[str, float]:
-    """Per-query means of every metric for one head of one sequence, ``A`` (n, n) over valid tokens."""
-    n = A.shape[0]
+def multi_hop(A: np.ndarray, hops: int = 2) -> np.ndarray:
+    """``(A^2 + ... + A^K) / (K - 1)`` by repeated products."""
     powers, P = [], A.copy()
     for _ in range(hops - 1):
         P = P @ A if powers else A @ A
         powers.append(P)
-    M = sum(powers) / (hops - 1)
+    return sum(powers) / (hops - 1)
+
+
+def head_metrics(A: np.ndarray, hops: int = 2, special: list[bool] | None = None) -> dict[str, float]:
+    """Per-query means of every metric for one head of one sequence, ``A`` (n, n) over valid tokens."""
+    n = A.shape[0]
+    M = multi_hop(A, hops)
     rows = {k: [] for k in ("direct_entropy", "direct_entropy_norm", "indirect_entropy",
                             "indirect_entropy_norm", "gtd", "self_mass", "local_mass", "first_mass",
                             "special_mass")}
@@ -74,11 +79,7 @@ def causal_head_sums(A: np.ndarray, visible: np.ndarray, hops: int = 2,
     / ``sink_weight`` (n * sink_mass, n).
     """
     n = A.shape[0]
-    powers, P = [], A.copy()
-    for _ in range(hops - 1):
-        P = P @ A if powers else A @ A
-        powers.append(P)
-    M = sum(powers) / (hops - 1)
+    M = multi_hop(A, hops)
     out = {k: 0.0 for k in ("direct_entropy", "direct_entropy_norm", "indirect_entropy", "indirect_entropy_norm",
                             "gtd", "self_mass", "local_mass", "first_mass", "special_mass", "queries", "unscored")}
     scored = []
